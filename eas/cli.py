@@ -1,0 +1,12 @@
+"""The `eas` command line. Each subcommand lives next to the code it drives; this file only wires them."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="eas-serve: EAS attention skipping for VLMs")
+
+
+@app.callback()
+def main() -> None:
+    """Efficient Attention Skipping: convert, evaluate and serve vision-language models."""

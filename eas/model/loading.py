@@ -1,0 +1,96 @@
+"""Load a model directory (plain HF or EAS-converted) into a ready-to-answer `LoadedModel`.
+
+This is the one entry point the service, the evaluation harness and the benchmarks use, so that
+all of them build prompts, batch, pad and generate the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
+
+from eas.model.manifest import verify_manifest
+from eas.model.prompting import build_prompt
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    processor: ProcessorMixin
+    name: str = "model"
+    path: Path | None = None
+    plan: object | None = None  # eas.model.plan.SkipPlan for converted models
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    def prepare(self, images: list[Image.Image], questions: list[str]) -> BatchFeature:
+        """Processor inputs for a batch, left-padded, on the model's device."""
+        prompts = [build_prompt(self.processor, q) for q in questions]
+        images = [im.convert("RGB") for im in images]
+        batch = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        batch = batch.to(self.device)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        return batch
+
+    @torch.inference_mode()
+    def generate_ids(self, batch: BatchFeature, max_new_tokens: int = 8) -> torch.Tensor:
+        """Greedy continuation ids (prompt removed), shape [B, <= max_new_tokens]."""
+        from eas.model.generation import generate  # EAS-aware: pooling state and KV-cache layout
+
+        out = generate(self.model, batch, max_new_tokens=max_new_tokens, plan=self.plan)
+        return out[:, batch["input_ids"].shape[1] :]
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        texts = self.processor.batch_decode(ids, skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def answer(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 8) -> list[str]:
+        """Answers for a batch of (image, question) pairs, in order."""
+        return self.decode(self.generate_ids(self.prepare(images, questions), max_new_tokens))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU; bf16 on GPU unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' picks CUDA when present, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    name: str | None = None,
+) -> LoadedModel:
+    """Verify the directory's checksums, then load it; EAS-converted directories re-apply their plan."""
+    path = Path(path)
+    verify_manifest(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    from eas.model.persistence import is_converted, load_converted
+
+    if is_converted(path):
+        model, plan = load_converted(path)
+    else:
+        model, plan = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32), None
+    model = model.to(device=dev, dtype=dt).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return LoadedModel(model=model, processor=processor, name=name or path.name, path=path,
+                       plan=plan, device=dev, dtype=dt)
