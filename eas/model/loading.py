@@ -11,7 +11,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BatchFeature,
+    PreTrainedModel,
+    ProcessorMixin,
+)
 
 from eas.model.manifest import verify_manifest
 from eas.model.prompting import build_prompt

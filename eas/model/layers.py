@@ -1,0 +1,96 @@
+"""Decoder-layer replacements for EAS (eas-method.md §2, §8).
+
+- `AdaptedNorm` wraps a kept layer's `input_layernorm`: Q/K/V see Ad(x̂); the residual keeps raw x.
+- `SkippedLayer` is the adapter form of a skipped layer: y = x + FFN(g_f ⊙ PIA(x̂)).
+- `MergedSkippedLayer` is its fold: y = x + W_d(act(W_g' x̂ + b_g) ⊙ (W_u' x̂ + b_u)), with the
+  per-sample biases b_k = V_k p + κ_k computed once per sample at prefill (§10 B).
+
+Skipped layers hold no `self_attn` (the weights are gone) and never touch the KV cache. They return a
+tensor, like every transformers 5.x decoder layer, and keep the list index of the layer they replace.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from eas.model.adapters import PIA, RoutedAdapter
+from eas.model.arch import effective_gain
+from eas.model.pooling import PoolingState
+
+
+class AdaptedNorm(nn.Module):
+    """input_layernorm followed by the kept-layer adapter."""
+
+    def __init__(self, norm: nn.Module, adapter: RoutedAdapter, state: PoolingState, key: str) -> None:
+        super().__init__()
+        self.norm = norm
+        self.adapter = adapter
+        self._state = state
+        self._key = key
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects the norm's gain keeps working
+        return self.norm.weight
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x_hat = self.norm(hidden_states)
+        w = self._state.per_sample(self._key, x_hat, self.adapter.prefill) if self.adapter.routed else None
+        return self.adapter(x_hat, w)
+
+
+class _SkippedBase(nn.Module):
+    eas_skipped = True
+
+    def __init__(self, layer: nn.Module, state: PoolingState, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = layer.input_layernorm
+        self.mlp = layer.mlp
+        self.layer_idx = layer_idx
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+        self._state = state
+        self._key = f"layer{layer_idx}"
+
+
+class SkippedLayer(_SkippedBase):
+    """Adapter form; `post_attention_layernorm` is kept only for its gain g_f (no normalisation)."""
+
+    def __init__(self, layer: nn.Module, pia: PIA, state: PoolingState, layer_idx: int) -> None:
+        super().__init__(layer, state, layer_idx)
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.pia = pia
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        x_hat = self.input_layernorm(hidden_states)
+        stats = self._state.per_sample(self._key, x_hat, self.pia.prefill)
+        h = self.pia(x_hat, stats) * effective_gain(self.post_attention_layernorm)
+        return hidden_states + self.mlp(h)
+
+
+class MergedSkippedLayer(_SkippedBase):
+    """Folded form. gate/up hold W_k' = W_k diag(g_f) M; the per-sample bias needs A (for p) and
+    V_k, κ_k; decode costs one RMSNorm, one FFN and two bias adds."""
+
+    def __init__(self, layer: nn.Module, state: PoolingState, layer_idx: int, rank: int) -> None:
+        super().__init__(layer, state, layer_idx)
+        hidden = self.mlp.gate_proj.in_features
+        ffn = self.mlp.gate_proj.out_features
+        dtype = self.mlp.gate_proj.weight.dtype
+        self.pia_A = nn.Linear(hidden, rank, dtype=dtype)
+        self.register_buffer("V_gate", torch.zeros(ffn, rank, dtype=dtype))
+        self.register_buffer("V_up", torch.zeros(ffn, rank, dtype=dtype))
+        self.register_buffer("kappa_gate", torch.zeros(ffn, dtype=dtype))
+        self.register_buffer("kappa_up", torch.zeros(ffn, dtype=dtype))
+
+    def sample_biases(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.pia_A(m)
+        return p @ self.V_gate.T + self.kappa_gate, p @ self.V_up.T + self.kappa_up
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        x_hat = self.input_layernorm(hidden_states)
+        b_gate, b_up = self._state.per_sample(self._key, x_hat, self.sample_biases)
+        mlp = self.mlp
+        gate = mlp.gate_proj(x_hat) + b_gate[:, None, :]
+        up = mlp.up_proj(x_hat) + b_up[:, None, :]
+        return hidden_states + mlp.down_proj(mlp.act_fn(gate) * up)
