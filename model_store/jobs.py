@@ -1,0 +1,293 @@
+"""Durable conversion-job records: creation with idempotency, a status state machine, cancellation.
+
+The admin API (serving-conventions §6) is a thin layer over this: a job survives a server restart as a row,
+`fail_interrupted_jobs` turns the ones a dead server left behind into honest failures, and the rules the
+API promises (idempotency keys, one conversion per model, terminal jobs never change) are checked inside
+one write transaction here, so two requests racing in different threads or processes cannot both win.
+
+Status names: queued → running → succeeded | failed | cancelled (also queued → failed | cancelled). The
+HTTP layer may spell them `pending`/`canceled` as §6 does; this module keeps one spelling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from model_store import registry
+from model_store.errors import Conflict, InvalidTransition, NotFound
+from model_store.registry import Registry, utc_now
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+UNFINISHED: frozenset[str] = frozenset({"queued", "running"})
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+# Allowed status changes; staying in an unfinished status (progress updates) is allowed, leaving a
+# terminal status never is.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"queued", "running", "failed", "cancelled"}),
+    "running": frozenset({"running", "succeeded", "failed", "cancelled"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+
+UPDATABLE_FIELDS: frozenset[str] = frozenset({"status", "progress", "stage", "error", "result", "worker_pid"})
+DEFAULT_TTL = timedelta(hours=24)  # BentoML keeps finished tasks for 24 h (serving-conventions §6)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One conversion job as stored. Timestamps are ISO-8601 UTC strings (`...Z`)."""
+
+    id: str
+    model: str
+    source_version: str
+    params: dict[str, Any]
+    status: JobStatus
+    progress: float
+    stage: str
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+    result: dict[str, Any] | None
+    idempotency_key: str | None
+    params_hash: str
+    worker_pid: int | None
+    # Set by request_cancel on a running job; the worker polls it and stops cooperatively.
+    cancel_requested: bool = field(default=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def params_hash(model: str, source_version: str, params: dict[str, Any]) -> str:
+    """Hash of the whole request (target and parameters), so "same key, different body" is detectable."""
+    try:
+        canonical = json.dumps(
+            {"model": model, "source_version": source_version, "params": params},
+            sort_keys=True,
+            separators=(",", ":"),
+            allow_nan=False,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"job params must be plain JSON: {exc}") from exc
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _row_to_job(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        model=row["model"],
+        source_version=row["source_version"],
+        params=json.loads(row["params"]),
+        status=row["status"],
+        progress=float(row["progress"]),
+        stage=row["stage"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        error=row["error"],
+        result=None if row["result"] is None else json.loads(row["result"]),
+        idempotency_key=row["idempotency_key"],
+        params_hash=row["params_hash"],
+        worker_pid=row["worker_pid"],
+        cancel_requested=bool(row["cancel_requested"]),
+    )
+
+
+def _fetch(conn: sqlite3.Connection, job_id: str) -> JobRecord:
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"unknown job {job_id!r}")
+    return _row_to_job(row)
+
+
+def _check_status(status: str | None) -> None:
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"unknown job status {status!r} (one of {', '.join(STATUSES)})")
+
+
+class Jobs:
+    """Job persistence over the store's registry database."""
+
+    def __init__(self, registry_db: Registry) -> None:
+        self._db = registry_db
+
+    def create(
+        self,
+        model: str,
+        source_version: str,
+        params: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> JobRecord:
+        """Queue a conversion of `model:source_version`.
+
+        Same idempotency key and same request → the existing job (whatever its status). Same key with a
+        different request → `Conflict`. An unfinished job for the same model → `Conflict` carrying its id
+        (one conversion per model at a time). Unknown source version → `NotFound`.
+        """
+        params = dict(params or {})
+        digest = params_hash(model, source_version, params)
+        with self._db.write() as conn:
+            if idempotency_key is not None:
+                row = conn.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+                if row is not None:
+                    existing = _row_to_job(row)
+                    if existing.params_hash != digest:
+                        raise Conflict(
+                            f"idempotency key {idempotency_key!r} was already used for job {existing.id} "
+                            "with a different request",
+                            job_id=existing.id,
+                        )
+                    return existing
+            if not registry.version_exists(conn, model, source_version):
+                raise registry.missing_version(conn, model, source_version)
+            row = conn.execute(
+                "SELECT id, status FROM jobs WHERE model = ? AND status IN ('queued', 'running')", (model,)
+            ).fetchone()
+            if row is not None:
+                raise Conflict(
+                    f"a conversion of model {model!r} is already {row['status']} (job {row['id']})",
+                    job_id=row["id"],
+                )
+            job_id = str(uuid.uuid4())
+            conn.execute(
+                "INSERT INTO jobs(id, model, source_version, params, params_hash, status, created_at,"
+                " idempotency_key) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+                (job_id, model, source_version, json.dumps(params), digest, utc_now(), idempotency_key),
+            )
+            return _fetch(conn, job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._db.read() as conn:
+            return _fetch(conn, job_id)
+
+    def select(
+        self, status: str | None = None, *, model: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[JobRecord]:
+        """Newest first, optionally filtered by status and model."""
+        _check_status(status)
+        if limit < 0 or offset < 0:
+            raise ValueError("limit and offset must be >= 0")
+        where, args = self._filters(status, model)
+        with self._db.read() as conn:
+            rows = conn.execute(
+                f"SELECT * FROM jobs{where} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+                (*args, limit, offset),
+            ).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def count(self, status: str | None = None, *, model: str | None = None) -> int:
+        """Total matching `select`'s filters, for paging."""
+        _check_status(status)
+        where, args = self._filters(status, model)
+        with self._db.read() as conn:
+            return int(conn.execute(f"SELECT COUNT(*) FROM jobs{where}", args).fetchone()[0])
+
+    @staticmethod
+    def _filters(status: str | None, model: str | None) -> tuple[str, tuple[str, ...]]:
+        clauses, args = [], []
+        if status is not None:
+            clauses.append("status = ?")
+            args.append(status)
+        if model is not None:
+            clauses.append("model = ?")
+            args.append(model)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
+
+    def update(self, job_id: str, **fields: Any) -> JobRecord:
+        """Change status/progress/stage/error/result/worker_pid; returns the updated record.
+
+        Status changes follow `TRANSITIONS` (`InvalidTransition` otherwise; a terminal job never changes).
+        `started_at` is stamped on entering `running`, `finished_at` on entering a terminal status, and a
+        success ends at progress 1.
+        """
+        unknown = set(fields) - UPDATABLE_FIELDS
+        if unknown:
+            raise TypeError(f"cannot update job field(s) {sorted(unknown)}; allowed: {sorted(UPDATABLE_FIELDS)}")
+        _check_status(fields.get("status"))
+        if "progress" in fields:
+            progress = float(fields["progress"])
+            if not 0.0 <= progress <= 1.0:
+                raise ValueError(f"progress must be within [0, 1], got {progress}")
+            fields["progress"] = progress
+        if fields.get("result") is not None and not isinstance(fields["result"], dict):
+            raise TypeError("result must be a dict or None")
+        with self._db.write() as conn:
+            job = _fetch(conn, job_id)
+            new_status = fields.get("status", job.status)
+            if new_status not in TRANSITIONS[job.status]:
+                raise InvalidTransition(f"job {job_id} is {job.status}; it cannot become {new_status}", job_id=job_id)
+            columns = dict(fields)
+            if "result" in columns:
+                columns["result"] = None if columns["result"] is None else json.dumps(columns["result"])
+            if new_status == "running" and job.started_at is None:
+                columns["started_at"] = utc_now()
+            if new_status in TERMINAL:
+                columns["finished_at"] = utc_now()
+                if new_status == "succeeded" and "progress" not in columns:
+                    columns["progress"] = 1.0
+            if columns:
+                assignments = ", ".join(f"{name} = ?" for name in columns)
+                conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*columns.values(), job_id))
+            return _fetch(conn, job_id)
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        """Cancel cooperatively; idempotent.
+
+        A queued job is cancelled at once (nothing runs it yet). A running job gets `cancel_requested`; its
+        worker stops at the next check and records `cancelled`. A terminal job is returned unchanged.
+        """
+        with self._db.write() as conn:
+            job = _fetch(conn, job_id)
+            if job.status == "queued":
+                conn.execute(
+                    "UPDATE jobs SET status = 'cancelled', cancel_requested = 1, finished_at = ? WHERE id = ?",
+                    (utc_now(), job_id),
+                )
+            elif job.status == "running":
+                conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            return _fetch(conn, job_id)
+
+    def fail_interrupted(self, reason: str) -> list[str]:
+        """Mark every queued/running job failed with `reason`; returns their ids.
+
+        Called at server start (and on shutdown): jobs run inside the server, so an unfinished row means
+        its worker is gone and nobody will ever finish it.
+        """
+        with self._db.write() as conn:
+            ids = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE status IN ('queued', 'running')")]
+            conn.execute(
+                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE status IN ('queued', 'running')",
+                (reason, utc_now()),
+            )
+        return ids
+
+    def cleanup(self, ttl: timedelta = DEFAULT_TTL, *, now: datetime | None = None) -> int:
+        """Delete finished jobs older than `ttl` (by `finished_at`); returns how many.
+
+        Their idempotency keys become free again, as with any TTL-bound idempotency store.
+        """
+        reference = now if now is not None else datetime.now(UTC)
+        if reference.tzinfo is None:
+            reference = reference.replace(tzinfo=UTC)
+        cutoff = registry.format_time(reference - ttl)
+        with self._db.write() as conn:
+            cursor = conn.execute(
+                "DELETE FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?",
+                (cutoff,),
+            )
+            return cursor.rowcount
