@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -140,8 +141,7 @@ class Registry:
     def _init_schema(self) -> None:
         conn = self._connect()
         try:
-            # WAL lets readers proceed while one writer commits; the setting is persistent in the file.
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._enable_wal(conn)
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.path}: could not switch SQLite to WAL mode (got {mode!r})")
         finally:
@@ -158,6 +158,26 @@ class Registry:
                 raise StoreError(
                     f"{self.path}: schema version {row['value']} is newer than this code ({SCHEMA_VERSION})"
                 )
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> str:
+        """Switch to WAL (persistent in the file), retrying while another process holds a lock.
+
+        Changing the journal mode does not go through SQLite's busy handler, so several processes
+        creating the same fresh store at once would otherwise see an immediate "database is locked".
+        """
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay = 0.005
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                if str(mode).lower() == "wal":
+                    return mode
+                return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
