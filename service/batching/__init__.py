@@ -1,0 +1,1 @@
+"""Dynamic batching: per-variant bounded queues drained by one worker thread each."""

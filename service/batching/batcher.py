@@ -1,0 +1,242 @@
+"""A per-variant dynamic batcher: bounded admission, batch gathering, one worker thread.
+
+The event loop only admits, enqueues and awaits futures; all model work happens on the batcher's own
+thread, so a forward pass never blocks other requests' I/O. A batch closes when it holds
+`max_batch_size` requests or when its first request has waited `max_batch_wait_s`, measured from that
+request's enqueue time (a request that already waited behind a running batch does not wait again).
+
+Queue capacity counts admitted requests that have not started yet, including those still decoding
+their image: admission is decided before any decoding (serving-conventions §2), so a flood of large
+images cannot pile up in memory behind a "full" queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from service.batching.work import Completed, Generation, WorkItem
+from service.errors import DeadlineExceeded, ServiceError, ServiceUnavailable
+
+log = logging.getLogger("service.batching")
+
+BatchFn = Callable[[list[WorkItem]], list[Generation]]
+
+
+class InferenceFailed(ServiceError):
+    status, code, type = 500, "inference_failed", "server_error"
+
+
+class Admission:
+    """One reserved queue slot; becomes a queued item (`enqueue`) or is given back (`release`)."""
+
+    __slots__ = ("_batcher", "_open")
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self._open = True
+
+    def enqueue(self, item: WorkItem) -> None:
+        if not self._open:
+            raise RuntimeError("admission already used")
+        self._open = False
+        self._batcher._enqueue_admitted(item)
+
+    def release(self) -> None:
+        if self._open:
+            self._open = False
+            self._batcher._release_admission()
+
+
+class Batcher:
+    def __init__(
+        self,
+        run_batch: BatchFn,
+        *,
+        name: str,
+        max_batch_size: int,
+        max_batch_wait_s: float,
+        max_queue_size: int,
+        queue_full: Callable[[], ServiceError],
+        on_batch: Callable[[int], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_batch_wait_s = max_batch_wait_s
+        self.max_queue_size = max_queue_size
+        self._queue_full = queue_full
+        self._on_batch = on_batch
+        self._on_depth = on_depth
+        self._cond = threading.Condition()
+        self._queue: collections.deque[WorkItem] = collections.deque()
+        self._reserved = 0
+        self._running: list[WorkItem] = []
+        self._accepting = True
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
+
+    # --- event-loop side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def admit(self) -> Admission:
+        """Reserve a queue slot now, or refuse at once (429, or 503 when closed)."""
+        with self._cond:
+            if not self._accepting:
+                raise ServiceUnavailable("the server is shutting down", code="draining")
+            if self._reserved + len(self._queue) >= self.max_queue_size:
+                raise self._queue_full()
+            self._reserved += 1
+            depth = self._reserved + len(self._queue)
+        self._report_depth(depth)
+        return Admission(self)
+
+    def withdraw(self, item: WorkItem) -> bool:
+        """Take a request out of the queue if it has not started (client gone, deadline passed)."""
+        with self._cond:
+            try:
+                self._queue.remove(item)
+            except ValueError:
+                return False
+            depth = self._reserved + len(self._queue)
+        self._report_depth(depth)
+        return True
+
+    @property
+    def pending(self) -> int:
+        """Admitted requests not yet started (decoding or queued)."""
+        with self._cond:
+            return self._reserved + len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return bool(self._reserved or self._queue or self._running)
+
+    def stop_accepting(self) -> None:
+        with self._cond:
+            self._accepting = False
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait (without blocking the loop) until nothing is admitted, queued or running."""
+        deadline = time.monotonic() + timeout_s
+        while self.busy:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def fail_all(self, exc_factory: Callable[[], BaseException]) -> int:
+        """Fail every queued and running request (the running batch's results will be dropped)."""
+        with self._cond:
+            victims = [*self._queue, *self._running]
+            self._queue.clear()
+            depth = self._reserved
+        for item in victims:
+            item.fail(exc_factory())
+        self._report_depth(depth)
+        return len(victims)
+
+    def stop(self) -> None:
+        """Let the worker exit once its queue is empty; it is a daemon, so a stuck batch cannot hang exit."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify_all()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    # --- called through Admission ------------------------------------------------------------------
+
+    def _enqueue_admitted(self, item: WorkItem) -> None:
+        with self._cond:
+            self._reserved -= 1
+            if self._stopping:
+                closed = True
+            else:
+                closed = False
+                item.enqueued_at = time.monotonic()
+                self._queue.append(item)
+                self._cond.notify()
+            depth = self._reserved + len(self._queue)
+        self._report_depth(depth)
+        if closed:
+            raise ServiceUnavailable("the server is shutting down", code="draining")
+
+    def _release_admission(self) -> None:
+        with self._cond:
+            self._reserved -= 1
+            depth = self._reserved + len(self._queue)
+        self._report_depth(depth)
+
+    # --- worker thread -----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            batch, expired = self._next_batch()
+            if batch is None:
+                return
+            for item in expired:
+                item.fail(DeadlineExceeded("the request's deadline passed while it was queued"))
+            if batch:
+                self._execute(batch)
+
+    def _next_batch(self) -> tuple[list[WorkItem] | None, list[WorkItem]]:
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None, []
+                self._cond.wait()
+            fill_until = self._queue[0].enqueued_at + self.max_batch_wait_s
+            while len(self._queue) < self.max_batch_size and not self._stopping:
+                remaining = fill_until - time.monotonic()
+                if remaining <= 0 or not self._queue:
+                    break
+                self._cond.wait(remaining)
+            now = time.monotonic()
+            batch: list[WorkItem] = []
+            expired: list[WorkItem] = []
+            while self._queue and len(batch) < self.max_batch_size:
+                item = self._queue.popleft()
+                if item.deadline <= now:
+                    expired.append(item)  # never run work nobody will wait for
+                    continue
+                item.started_at = now
+                batch.append(item)
+            self._running = batch
+            depth = self._reserved + len(self._queue)
+        self._report_depth(depth)
+        return batch, expired
+
+    def _execute(self, batch: list[WorkItem]) -> None:
+        try:
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
+            generations = self._run_batch(batch)
+            if len(generations) != len(batch):
+                raise RuntimeError(f"runner returned {len(generations)} results for {len(batch)} requests")
+        except Exception:
+            ids = [item.request_id for item in batch]
+            log.exception("batcher %s: batch of %d failed (request ids %s)", self.name, len(batch), ids)
+            for item in batch:
+                item.fail(InferenceFailed("inference failed; see the server log for this request id"))
+        else:
+            for item, generation in zip(batch, generations, strict=True):
+                assert item.started_at is not None
+                item.resolve(Completed(generation, queue_s=item.started_at - item.enqueued_at))
+        finally:
+            with self._cond:
+                self._running = []
+
+    def _report_depth(self, depth: int) -> None:
+        if self._on_depth is not None:
+            self._on_depth(depth)

@@ -1,0 +1,67 @@
+"""The unit of work that travels from a request handler (event loop) to a batch worker (thread) and back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What the runner produced for one request of a batch."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
+    prepare_s: float  # processor time of the whole batch (each request waited for all of it)
+    inference_s: float  # generation + decode time of the whole batch
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A generation plus the queueing facts only the batcher knows."""
+
+    generation: Generation
+    queue_s: float
+
+
+@dataclass(eq=False)  # identity equality: items are removed from the queue by identity
+class WorkItem:
+    image: Image.Image
+    question: str
+    max_new_tokens: int
+    deadline: float  # time.monotonic()
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Completed]
+    request_id: str | None = None
+    enqueued_at: float = 0.0
+    started_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # Results cross from the worker thread to the loop; a future whose waiter already gave up
+    # (cancelled on timeout or disconnect) is left alone so nothing logs "exception never retrieved".
+    def resolve(self, result: Completed) -> None:
+        self._call(_set_result, result)
+
+    def fail(self, exc: BaseException) -> None:
+        self._call(_set_exception, exc)
+
+    def _call(self, fn: Any, value: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
+            self.loop.call_soon_threadsafe(fn, self.future, value)
+
+
+def _set_result(future: asyncio.Future[Completed], value: Completed) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Completed], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,70 @@
+"""FastAPI dependencies: the service objects live on `app.state` and reach routes only through these.
+
+Inference routes run, in this order (serving-conventions §2): authentication (401) → readiness (503)
+→ declared Content-Length (413). Body parsing, admission and image decoding follow in the route.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.auth import TokenVerifier
+from service.errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from service.lifecycle import Service
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def require_api_token(request: Request) -> None:
+    verifier: TokenVerifier = request.app.state.api_auth
+    if not verifier.verify(request.headers.get("authorization")):
+        raise Unauthorized()
+
+
+def require_admin_token(request: Request) -> None:
+    """For `/admin/*` (a later issue): disabled (404) until EAS_ADMIN_TOKEN is set."""
+    verifier: TokenVerifier = request.app.state.admin_auth
+    if not verifier.enabled:
+        raise NotFound("the admin API is disabled (set EAS_ADMIN_TOKEN to enable it)")
+    if not verifier.verify(request.headers.get("authorization")):
+        raise Unauthorized()
+
+
+def require_accepting(request: Request) -> None:
+    get_service(request).check_accepting()
+
+
+def check_content_length(request: Request) -> None:
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return  # chunked: the middleware counts streamed bytes instead
+    try:
+        declared = int(raw)
+    except ValueError:
+        raise BadRequest("invalid Content-Length header") from None
+    limit = get_settings(request).max_body_bytes
+    if declared > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+
+
+# Attached to every inference route, in order.
+INFERENCE_GUARDS = [Depends(require_api_token), Depends(require_accepting), Depends(check_content_length)]

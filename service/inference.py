@@ -1,0 +1,125 @@
+"""The path every inference request takes once its fields are valid: admission → image decode →
+batcher queue → (worker thread: runner → model) → result, with the deadline and the client's connection
+watched the whole time.
+
+Both the native `/v1/answer` and the OpenAI-compatible route call `infer`; they differ only in how they
+parse requests and shape responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from service.batching.batcher import Batcher
+from service.batching.work import Completed, Generation, WorkItem
+from service.errors import ClientDisconnected, DeadlineExceeded
+from service.metrics import Metrics
+from service.runner.registry import ServedVariant
+from service.validation.images import ImageLimits, decode_image
+from service.validation.payloads import offload_if_large
+
+
+@dataclass(frozen=True)
+class Outcome:
+    served: ServedVariant
+    generation: Generation
+    queue_s: float
+    preprocess_s: float
+    inference_s: float
+    total_s: float
+
+    def timings(self) -> dict[str, float]:
+        return {"queue_s": round(self.queue_s, 6), "preprocess_s": round(self.preprocess_s, 6),
+                "inference_s": round(self.inference_s, 6), "total_s": round(self.total_s, 6)}
+
+    def headers(self) -> dict[str, str]:
+        """`x-model-variant` and W3C Server-Timing (milliseconds, as that header defines)."""
+        server_timing = ", ".join(
+            f"{name};dur={seconds * 1000:.3f}"
+            for name, seconds in (("queue", self.queue_s), ("preprocess", self.preprocess_s),
+                                  ("inference", self.inference_s), ("total", self.total_s))
+        )
+        return {"x-model-variant": self.served.variant, "server-timing": server_timing}
+
+
+def mark_variant(request: Request, served: ServedVariant) -> None:
+    """Label this request's metrics (read by the request middleware) with the chosen variant."""
+    request.state.variant = served.variant
+    request.state.model = served.info.model
+
+
+async def infer(
+    request: Request,
+    served: ServedVariant,
+    *,
+    image_bytes: bytes,
+    question: str,
+    max_new_tokens: int,
+    deadline: float,
+    limits: ImageLimits,
+    metrics: Metrics,
+) -> Outcome:
+    mark_variant(request, served)
+    labels = {"model": served.info.model, "variant": served.variant}
+    if time.monotonic() >= deadline:
+        raise DeadlineExceeded("the request's deadline passed before it was queued")
+    admission = served.batcher.admit()  # 429 here, before any image decoding
+    try:
+        metrics.image_bytes.labels(**labels).observe(len(image_bytes))
+        t0 = time.perf_counter()
+        image = await offload_if_large(len(image_bytes), decode_image, image_bytes, limits)
+        decode_s = time.perf_counter() - t0
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded("the request's deadline passed while its image was decoded")
+        loop = asyncio.get_running_loop()
+        item = WorkItem(image=image, question=question, max_new_tokens=max_new_tokens, deadline=deadline,
+                        loop=loop, future=loop.create_future(), request_id=request.state.request_id)
+        admission.enqueue(item)
+    finally:
+        admission.release()  # no-op once enqueued
+    completed = await _wait_for_result(request, served.batcher, item, metrics)
+    generation = completed.generation
+    preprocess_s = decode_s + generation.prepare_s
+    metrics.queue_duration.labels(**labels).observe(completed.queue_s)
+    metrics.preprocess_duration.labels(**labels).observe(preprocess_s)
+    metrics.inference_duration.labels(**labels).observe(generation.inference_s)
+    return Outcome(served=served, generation=generation, queue_s=completed.queue_s, preprocess_s=preprocess_s,
+                   inference_s=generation.inference_s,
+                   total_s=time.monotonic() - request.state.started_at)
+
+
+async def _wait_for_result(request: Request, batcher: Batcher, item: WorkItem, metrics: Metrics) -> Completed:
+    """The item's result, or 504 at its deadline, or ClientDisconnected; a request that gives up is taken
+    out of the queue if it has not started, so abandoned work is never run."""
+    disconnect = asyncio.ensure_future(_client_disconnected(request))
+    try:
+        done, _ = await asyncio.wait((item.future, disconnect), timeout=max(0.0, item.deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if item.future in done:
+            return item.future.result()
+        withdrawn = batcher.withdraw(item)
+        item.future.cancel()
+        if disconnect in done:
+            metrics.rejected.labels(reason="client_disconnected").inc()
+            raise ClientDisconnected()
+        where = "queued" if withdrawn or item.started_at is None else "running"
+        raise DeadlineExceeded(f"the request's deadline passed while it was {where}")
+    except asyncio.CancelledError:
+        batcher.withdraw(item)
+        item.future.cancel()
+        raise
+    finally:
+        disconnect.cancel()
+
+
+async def _client_disconnected(request: Request) -> None:
+    """Returns when the server reports the client gone. The body has been read by now, so the next
+    ASGI message can only be `http.disconnect`."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

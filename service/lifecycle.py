@@ -1,0 +1,238 @@
+"""The service's life: load and warm every variant, serve, drain, stop.
+
+Phases: `loading` → `ready` → `draining` → `stopped` (or `failed` if loading fails). Readiness is 200
+only in `ready`: weights loaded and one real generation run per variant. Loading happens in a background
+task (in a daemon thread, off the event loop) so the process answers `/health/live` and a 503 on
+`/health/ready` meanwhile, which is what Kubernetes startup probes expect.
+
+Draining (SIGTERM, or lifespan shutdown) stops admission at once (new requests and readiness get 503),
+lets queued and running requests finish for up to `shutdown_timeout_s`, then fails what is left with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from eas.model.loading import LoadedModel, load_model
+from service.batching.batcher import Batcher
+from service.errors import QueueFull, ServiceError, ServiceUnavailable
+from service.metrics import Metrics
+from service.runner.registry import RunnerRegistry, ServedVariant
+from service.runner.resolve import resolve_variants
+from service.runner.runner import ModelRunner, VariantInfo
+from service.settings import Settings
+from service.validation.images import ImageLimits
+
+log = logging.getLogger("service.lifecycle")
+
+T = TypeVar("T")
+Loader = Callable[[VariantInfo, Settings], LoadedModel]
+Resolver = Callable[[Settings], list[VariantInfo]]
+
+
+class Phase(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+def default_loader(info: VariantInfo, settings: Settings) -> LoadedModel:
+    return load_model(info.path, device=settings.device, dtype=settings.dtype, name=info.model)
+
+
+async def run_in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
+    """Run a long, uncancellable call (model loading) in a daemon thread: a shutdown during loading
+    must not wait for it, which the default executors (non-daemon, joined at exit) would."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: object) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result: object = fn(*args)
+            ok = True
+        except BaseException as exc:
+            result, ok = exc, False
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            loop.call_soon_threadsafe(settle, ok, result)
+
+    threading.Thread(target=target, name=f"load-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await future
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        loader: Loader = default_loader,
+        resolver: Resolver = resolve_variants,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.registry = RunnerRegistry()
+        self.image_limits = ImageLimits.from_formats(settings.allowed_image_formats, settings.max_image_pixels,
+                                                     settings.max_image_side)
+        self.phase = Phase.LOADING
+        self.started_unix = int(time.time())
+        self.error: str | None = None
+        self._loader = loader
+        self._resolver = resolver
+        self._loaded: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._drain_task: asyncio.Task[None] | None = None
+
+    # --- startup -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Begin loading in the background and return at once."""
+        self._loaded = asyncio.Event()
+        self.metrics.model_ready.set(0)
+        self._tasks = [asyncio.create_task(self._load(), name="load-variants"),
+                       asyncio.create_task(self._watch_loop_lag(), name="loop-lag")]
+
+    async def wait_loaded(self, timeout_s: float | None = None) -> Phase:
+        """Wait until loading has finished, successfully or not; returns the phase."""
+        assert self._loaded is not None, "start() first"
+        await asyncio.wait_for(self._loaded.wait(), timeout_s)
+        return self.phase
+
+    async def _load(self) -> None:
+        assert self._loaded is not None
+        try:
+            infos = await run_in_daemon_thread(self._resolver, self.settings)
+            if not infos:
+                raise RuntimeError("nothing to serve: no variant resolved")
+            for index, info in enumerate(infos):
+                served = await run_in_daemon_thread(self._build, info)
+                if self.phase is not Phase.LOADING:  # shutdown began meanwhile
+                    return
+                served.batcher.start()
+                self.registry.install(served, default=index == 0)
+                runner = served.runner
+                self.metrics.model_info.labels(model=info.model, variant=info.variant, version=info.version,
+                                               kind=info.kind, dtype=runner.dtype, device=runner.device).set(1)
+            self.phase = Phase.READY
+            self.metrics.model_ready.set(1)
+            log.info("ready: serving %s (default %s)", ", ".join(
+                f"{s.variant}={s.info.model}:{s.info.version}" for s in self.registry.all()),
+                self.registry.default_variant)
+        except Exception as exc:
+            self.phase = Phase.FAILED
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("loading the model failed; the service stays unready")
+        finally:
+            self._loaded.set()
+
+    def _build(self, info: VariantInfo) -> ServedVariant:
+        """Load, warm up and wrap one variant (runs in a thread)."""
+        t0 = time.perf_counter()
+        runner = ModelRunner(self._loader(info, self.settings), info)
+        t1 = time.perf_counter()
+        runner.warm_up(self.settings.default_max_new_tokens)
+        log.info("variant %s: %s loaded from %s on %s/%s in %.2fs, warmed up in %.2fs", info.variant,
+                 info.model, info.path, runner.device, runner.dtype, t1 - t0, time.perf_counter() - t1)
+        s, m = self.settings, self.metrics
+        labels = {"model": info.model, "variant": info.variant}
+        batch_size, depth = m.batch_size.labels(**labels), m.queue_depth.labels(**labels)
+        batcher = Batcher(
+            runner.run_batch,
+            name=info.variant,
+            max_batch_size=s.max_batch_size,
+            max_batch_wait_s=s.max_batch_wait_ms / 1000.0,
+            max_queue_size=s.max_queue_size,
+            queue_full=self._queue_full_error,
+            on_batch=batch_size.observe,
+            on_depth=depth.set,
+        )
+        return ServedVariant(info=info, runner=runner, batcher=batcher)
+
+    def _queue_full_error(self) -> ServiceError:
+        headers = {"Retry-After": str(self.settings.retry_after_s)}
+        message = f"the request queue is full ({self.settings.max_queue_size} waiting); retry later"
+        if self.settings.queue_full_status == 503:
+            return ServiceUnavailable(message, code="queue_full", headers=headers)
+        return QueueFull(message, headers=headers)
+
+    # --- serving -----------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.READY
+
+    def check_accepting(self) -> None:
+        """503 unless requests are being admitted."""
+        if self.phase is Phase.READY:
+            return
+        headers = {"Retry-After": str(self.settings.retry_after_s)}
+        if self.phase is Phase.LOADING:
+            raise ServiceUnavailable("the model is still loading", code="not_ready", headers=headers)
+        if self.phase is Phase.FAILED:
+            raise ServiceUnavailable(f"the model failed to load: {self.error}", code="load_failed")
+        raise ServiceUnavailable("the server is shutting down", code="draining", headers=headers)
+
+    # --- shutdown ----------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Stop admitting now (idempotent); queued and running requests continue."""
+        if self.phase in (Phase.LOADING, Phase.READY):
+            self.phase = Phase.DRAINING
+            log.info("draining: no new requests admitted")
+        self.metrics.model_ready.set(0)
+        for served in self.registry.all():
+            served.batcher.stop_accepting()
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop admitting, let admitted work finish within the timeout, then fail leftovers with 503.
+        Concurrent and repeated calls share one drain."""
+        self.begin_drain()
+        if self._drain_task is None:
+            budget = self.settings.shutdown_timeout_s if timeout_s is None else timeout_s
+            self._drain_task = asyncio.create_task(self._drain(budget), name="drain")
+        await asyncio.shield(self._drain_task)
+
+    async def _drain(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for served in self.registry.all():
+            await served.batcher.wait_idle(max(0.0, deadline - time.monotonic()))
+        failed = 0
+        for served in self.registry.all():
+            failed += served.batcher.fail_all(
+                lambda: ServiceUnavailable("the server shut down before this request completed",
+                                           code="shutdown"))
+            served.batcher.stop()
+        if failed:
+            log.warning("drain timeout (%.1fs): failed %d unfinished request(s) with 503", timeout_s, failed)
+        else:
+            log.info("drained")
+
+    async def close(self) -> None:
+        """Lifespan shutdown: drain (if not done yet), stop workers and background tasks."""
+        await self.drain()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.phase is not Phase.FAILED:
+            self.phase = Phase.STOPPED
+
+    async def _watch_loop_lag(self, interval_s: float = 0.5) -> None:
+        gauge = self.metrics.event_loop_lag
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(interval_s)
+            gauge.set(max(0.0, time.monotonic() - t0 - interval_s))

@@ -1,0 +1,61 @@
+"""`POST /v1/answer`: the native route (multipart upload or JSON with a base64 image)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from service.deps import INFERENCE_GUARDS, MetricsDep, ServiceDep, SettingsDep
+from service.inference import infer
+from service.validation.requests import AnswerJSON, read_answer_request
+
+router = APIRouter(tags=["inference"], dependencies=INFERENCE_GUARDS)
+
+
+class Timings(BaseModel):
+    queue_s: float
+    preprocess_s: float
+    inference_s: float
+    total_s: float
+
+
+class AnswerResponse(BaseModel):
+    answer: str
+    model: str
+    version: str
+    variant: str
+    request_id: str
+    timings: Timings
+
+
+_REQUEST_BODY = {
+    "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["image", "question"],
+            "properties": {"image": {"type": "string", "format": "binary"}, "question": {"type": "string"},
+                           "variant": {"type": "string", "enum": ["eas", "baseline", "auto"]},
+                           "max_new_tokens": {"type": "integer"}}}},
+        "application/json": {"schema": AnswerJSON.model_json_schema()},
+    },
+    "required": True,
+}
+
+
+@router.post("/v1/answer", response_model=AnswerResponse, openapi_extra={"requestBody": _REQUEST_BODY})
+async def answer(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> JSONResponse:
+    parsed = await read_answer_request(request, settings)
+    served = service.registry.get(parsed.variant)  # held for the whole request, even across a hot swap
+    outcome = await infer(request, served, image_bytes=parsed.image_bytes, question=parsed.question,
+                          max_new_tokens=parsed.max_new_tokens, deadline=parsed.deadline,
+                          limits=service.image_limits, metrics=metrics)
+    info = served.info
+    request_id = request.state.request_id
+    body = {"answer": outcome.generation.text, "model": info.model, "version": info.version,
+            "variant": info.variant, "request_id": request_id, "timings": outcome.timings()}
+    return JSONResponse(body, headers=outcome.headers())

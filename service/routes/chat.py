@@ -1,0 +1,96 @@
+"""`POST /v1/chat/completions`: OpenAI-compatible, so the official clients work unchanged.
+
+Streaming (`stream: true`) is served as Server-Sent Events in OpenAI's chunk format. Generation is not
+incremental behind `LoadedModel`, so the answer arrives as one content chunk once the batch finishes;
+errors found before that are ordinary JSON errors with a status code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from service.deps import INFERENCE_GUARDS, MetricsDep, ServiceDep, SettingsDep
+from service.errors import UnsupportedMediaType
+from service.inference import Outcome, infer, mark_variant
+from service.validation.chat import ChatCompletionRequest, parse_chat
+from service.validation.requests import is_json, media_type, read_json, request_deadline, validate_model
+
+router = APIRouter(tags=["openai"], dependencies=INFERENCE_GUARDS)
+
+_REQUEST_BODY = {"content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+                 "required": True}
+
+
+@router.post("/v1/chat/completions", openapi_extra={"requestBody": _REQUEST_BODY})
+async def chat_completions(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> Any:
+    if not is_json(media_type(request)):
+        raise UnsupportedMediaType("Content-Type must be application/json")
+    body: ChatCompletionRequest = validate_model(ChatCompletionRequest, await read_json(request))
+    served = service.registry.resolve_model_id(body.model)
+    mark_variant(request, served)
+    parsed = await parse_chat(body, settings)
+    outcome = await infer(request, served, image_bytes=parsed.image_bytes, question=parsed.question,
+                          max_new_tokens=parsed.max_new_tokens, deadline=request_deadline(request, settings),
+                          limits=service.image_limits, metrics=metrics)
+    completion_id = f"chatcmpl-{request.state.request_id}"
+    model_id = body.model or served.variant
+    created = int(time.time())
+    if parsed.stream:
+        chunks = _stream(outcome, completion_id, model_id, created, parsed.include_usage)
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={**outcome.headers(), "cache-control": "no-cache"})
+    generation = outcome.generation
+    return JSONResponse({
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model_id,
+        "system_fingerprint": _fingerprint(outcome),
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": generation.text},
+            "logprobs": None,
+            "finish_reason": generation.finish_reason,
+        }],
+        "usage": _usage(outcome),
+    }, headers=outcome.headers())
+
+
+def _usage(outcome: Outcome) -> dict[str, int]:
+    g = outcome.generation
+    return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+            "total_tokens": g.prompt_tokens + g.completion_tokens}
+
+
+def _fingerprint(outcome: Outcome) -> str:
+    info = outcome.served.info
+    return f"{info.model}:{info.version}:{info.variant}"
+
+
+async def _stream(
+    outcome: Outcome, completion_id: str, model_id: str, created: int, include_usage: bool
+) -> AsyncIterator[bytes]:
+    base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+            "system_fingerprint": _fingerprint(outcome)}
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n".encode()
+
+    generation = outcome.generation
+    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    yield event([{"index": 0, "delta": {"content": generation.text}, "finish_reason": None}])
+    yield event([{"index": 0, "delta": {}, "finish_reason": generation.finish_reason}])
+    if include_usage:
+        yield event([], usage=_usage(outcome))
+    yield b"data: [DONE]\n\n"

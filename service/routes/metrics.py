@@ -1,0 +1,17 @@
+"""`GET /metrics` in Prometheus text format; behind the inference token when one is configured
+(serving-conventions §7: metrics are protected or on a separate port)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from service.deps import MetricsDep, require_api_token
+from service.metrics import CONTENT_TYPE
+
+router = APIRouter(tags=["metrics"], dependencies=[Depends(require_api_token)])
+
+
+@router.get("/metrics")
+async def metrics(m: MetricsDep) -> Response:
+    return Response(m.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,62 @@
+"""`GET /v1/models` (OpenAI model list, one id per served variant) and `GET /info` (what is served, how)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from service.deps import ServiceDep, require_api_token
+
+router = APIRouter(tags=["models"], dependencies=[Depends(require_api_token)])
+
+
+@router.get("/v1/models")
+async def list_models(service: ServiceDep) -> JSONResponse:
+    default = service.registry.default_variant
+    data = [{
+        "id": s.variant,
+        "object": "model",
+        "created": service.started_unix,
+        "owned_by": "eas-serve",
+        "root": s.info.model,
+        "parent": s.info.parent,
+        "model": s.info.model,
+        "version": s.info.version,
+        "variant": s.variant,
+        "kind": s.info.kind,
+        "default": s.variant == default,
+    } for s in service.registry.all()]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/info")
+async def info(service: ServiceDep) -> JSONResponse:
+    s = service.settings
+    variants: list[dict[str, Any]] = [{
+        "variant": v.variant, "model": v.info.model, "version": v.info.version, "kind": v.info.kind,
+        "parent": v.info.parent, "device": v.runner.device, "dtype": v.runner.dtype,
+        "skipped_layers": _skipped_layers(v.runner.model.plan),
+    } for v in service.registry.all()]
+    return JSONResponse({
+        "phase": service.phase.value,
+        "default_variant": service.registry.default_variant,
+        "variants": variants,
+        "batching": {"max_batch_size": s.max_batch_size, "max_batch_wait_ms": s.max_batch_wait_ms,
+                     "max_queue_size": s.max_queue_size, "default_deadline_ms": s.default_deadline_ms,
+                     "max_deadline_ms": s.max_deadline_ms},
+        "limits": {"max_body_bytes": s.max_body_bytes, "max_image_pixels": s.max_image_pixels,
+                   "max_image_side": s.max_image_side, "allowed_image_formats": s.allowed_image_formats,
+                   "max_question_chars": s.max_question_chars, "max_new_tokens": s.max_new_tokens,
+                   "default_max_new_tokens": s.default_max_new_tokens, "url_fetch": False},
+    })
+
+
+def _skipped_layers(plan: object | None) -> list[int] | None:
+    # The plan object belongs to the EAS core; read it defensively so /info never fails on its shape.
+    layers = getattr(plan, "skipped_layers", None) if plan is not None else None
+    try:
+        return sorted(int(x) for x in layers) if layers is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,100 @@
+"""Runs one padded batch through a `LoadedModel` (on the batcher's worker thread, never the event loop).
+
+All model specifics — prompts, left padding, EAS skipped layers and KV layout — stay behind
+`LoadedModel.prepare / generate_ids / decode`; this class only adds per-request bookkeeping: each
+request's own `max_new_tokens` (the batch generates to the largest and each row is cut to its own;
+greedy decoding makes the cut prefix identical to a shorter run), token counts and timings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from eas.model.loading import LoadedModel
+from service.batching.work import Generation, WorkItem
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    """What is served under a variant name: which model version, from where, on what."""
+
+    variant: str  # "eas" or "baseline"
+    model: str
+    version: str
+    kind: str  # "converted" or "baseline" (store kind; "local" for directories given by path)
+    path: Path
+    parent: str | None = None
+
+
+class ModelRunner:
+    def __init__(self, model: LoadedModel, info: VariantInfo) -> None:
+        self.model = model
+        self.info = info
+        self._eos_ids = _eos_ids(model)
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    def run_batch(self, items: list[WorkItem]) -> list[Generation]:
+        return self.generate([i.image for i in items], [i.question for i in items],
+                             [i.max_new_tokens for i in items])
+
+    def generate(self, images: list[Image.Image], questions: list[str], max_new_tokens: list[int]) -> list[Generation]:
+        t0 = time.perf_counter()
+        batch = self.model.prepare(images, questions)
+        t1 = time.perf_counter()
+        ids = self.model.generate_ids(batch, max(max_new_tokens))
+        texts = self._decode(ids, max_new_tokens)  # copies ids to the host: the GPU work is done here
+        t2 = time.perf_counter()
+        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist() if "attention_mask" in batch else (
+            [int(batch["input_ids"].shape[1])] * len(images))
+        rows = ids.tolist()
+        out = []
+        for row, limit, text, n_prompt in zip(rows, max_new_tokens, texts, prompt_tokens, strict=True):
+            row = row[:limit]
+            stop = next((k for k, tok in enumerate(row) if tok in self._eos_ids), None)
+            out.append(Generation(
+                text=text,
+                prompt_tokens=int(n_prompt),
+                completion_tokens=len(row) if stop is None else stop + 1,
+                finish_reason="length" if stop is None else "stop",
+                prepare_s=t1 - t0,
+                inference_s=t2 - t1,
+                batch_size=len(images),
+            ))
+        return out
+
+    def _decode(self, ids: torch.Tensor, limits: list[int]) -> list[str]:
+        # One decode call for the usual case (every request asked for the same length).
+        if len(set(limits)) == 1:
+            return self.model.decode(ids[:, : limits[0]])
+        return [self.model.decode(ids[i : i + 1, :n])[0] for i, n in enumerate(limits)]
+
+    def warm_up(self, max_new_tokens: int) -> Generation:
+        """One real generation, so the first client request does not pay for lazy initialisation."""
+        return self.generate([warmup_image()], ["what colour is the shape?"], [max_new_tokens])[0]
+
+
+def warmup_image(size: int = 64) -> Image.Image:
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    ImageDraw.Draw(image).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(200, 30, 30))
+    return image
+
+
+def _eos_ids(model: LoadedModel) -> frozenset[int]:
+    eos = getattr(getattr(model.model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model.processor, "tokenizer", None), "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset(eos if isinstance(eos, list | tuple) else [eos])

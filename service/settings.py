@@ -1,0 +1,83 @@
+"""Every knob of the HTTP service, in one place, read from `EAS_*` environment variables.
+
+`Settings()` with no environment is a working configuration (`uvicorn --factory service.app:create_app`
+starts with it); tests and benchmarks build `Settings(...)` explicitly instead of touching the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EAS_", extra="ignore", protected_namespaces=())
+
+    # --- what to serve -------------------------------------------------------------------------------
+    model_store: Path = Field(Path("var/store"), description="Model store root (EAS_MODEL_STORE).")
+    model: str | None = Field(None, description="Model name in the store; default: the store's default.")
+    model_path: Path | None = Field(
+        None, description="Serve this directory as variant `eas`, bypassing the store (tests, benchmarks)."
+    )
+    baseline_path: Path | None = Field(
+        None, description="With EAS_MODEL_PATH: serve this directory as variant `baseline`."
+    )
+    load_baseline: bool = Field(True, description="Also serve the unskipped parent of a converted model.")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    # --- dynamic batching and queueing (serving-conventions §4) ---------------------------------------
+    max_batch_size: int = Field(16, ge=1, le=256)
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="How long a batch's first request may wait.")
+    max_queue_size: int = Field(128, ge=1, description="Admitted-but-not-started requests per variant.")
+    queue_full_status: Literal[429, 503] = 429
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429/503.")
+    default_deadline_ms: int = Field(30_000, ge=1)
+    max_deadline_ms: int = Field(120_000, ge=1, description="Upper bound for X-Request-Deadline-Ms.")
+
+    # --- input limits (serving-conventions §3) --------------------------------------------------------
+    # Sized for a large photo after base64 (+33%): TGI's 2 MB default is a known trap (TGI #1802).
+    max_body_bytes: int = Field(16 * MiB, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Decompression-bomb guard (w * h).")
+    max_image_side: int = Field(8192, ge=1)
+    allowed_image_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["PNG", "JPEG", "WEBP"], description="Pillow format names, comma separated."
+    )
+    max_question_chars: int = Field(1000, ge=1)
+    default_max_new_tokens: int = Field(8, ge=1)
+    max_new_tokens: int = Field(128, ge=1, description="Cap on max_new_tokens / max_tokens per request.")
+
+    # --- auth (serving-conventions §7) ----------------------------------------------------------------
+    api_token: SecretStr | None = Field(None, description="Bearer token for inference routes and /metrics.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /admin routes (none: disabled).")
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="Drain budget for queued/in-flight requests.")
+
+    @field_validator("allowed_image_formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part for part in value.replace(" ", "").split(",") if part]
+        if isinstance(value, list | tuple):
+            return [str(v).upper() for v in value]
+        return value
+
+    @field_validator("api_token", "admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        # `EAS_API_TOKEN=` (set but empty) means "no token", never "the empty string is the token".
+        return None if value in ("", None) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_deadline_ms > self.max_deadline_ms:
+            raise ValueError("default_deadline_ms must not exceed max_deadline_ms")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        return self

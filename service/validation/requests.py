@@ -1,0 +1,136 @@
+"""Parse the two inference request formats into one validated `InferenceInput`.
+
+Checks run in the conventions' order: content type (415) → body parse (400) → schema and semantics
+(422). Admission (429) and image decoding come after, in `service.inference`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from service.errors import BadRequest, UnsupportedMediaType, ValidationFailed, describe_validation
+from service.settings import Settings
+from service.validation.payloads import (
+    DEADLINE_HEADER,
+    deadline_from_header,
+    decode_image_field,
+    offload_if_large,
+    validate_max_new_tokens,
+    validate_question,
+)
+
+
+@dataclass(frozen=True)
+class InferenceInput:
+    image_bytes: bytes
+    question: str
+    max_new_tokens: int
+    variant: str | None
+    deadline: float  # time.monotonic()
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def is_json(media: str) -> bool:
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    if not body:
+        raise BadRequest("the request body is empty")
+    try:
+        return await offload_if_large(len(body), json.loads, body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON body: {exc}") from exc
+
+
+def request_deadline(request: Request, settings: Settings) -> float:
+    return deadline_from_header(request.headers.get(DEADLINE_HEADER), started_at=request.state.started_at,
+                                default_ms=settings.default_deadline_ms, max_ms=settings.max_deadline_ms)
+
+
+def validate_model(model: type[BaseModel], payload: Any) -> Any:
+    """Pydantic validation with the service's 422 (first problems named, `param` set)."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        message, param = describe_validation(list(exc.errors()))
+        raise ValidationFailed(message, param=param) from None
+
+
+class ImageURL(BaseModel):
+    url: str
+
+
+class AnswerJSON(BaseModel):
+    """`POST /v1/answer` with `Content-Type: application/json`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(None, description="Base64 image bytes or a data: URL.")
+    image_url: str | ImageURL | None = Field(None, description="Alternative to `image`: a data: URL.")
+    question: str
+    variant: str | None = Field(None, description="`eas`, `baseline` or `auto` (default variant).")
+    max_new_tokens: int | None = None
+
+
+async def read_answer_request(request: Request, settings: Settings) -> InferenceInput:
+    media = media_type(request)
+    if media == "multipart/form-data":
+        fields = await _read_multipart(request, settings)
+    elif is_json(media):
+        fields = await _read_answer_json(request)
+    else:
+        raise UnsupportedMediaType(
+            f"Content-Type {media or '(none)'!r} is not accepted; use multipart/form-data "
+            "(image file + question) or application/json (base64 image + question)")
+    image_bytes, question, max_new_tokens, variant = fields
+    return InferenceInput(
+        image_bytes=image_bytes,
+        question=validate_question(question, max_chars=settings.max_question_chars),
+        max_new_tokens=validate_max_new_tokens(max_new_tokens, default=settings.default_max_new_tokens,
+                                               cap=settings.max_new_tokens),
+        variant=variant or None,
+        deadline=request_deadline(request, settings),
+    )
+
+
+async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, Any, Any, str | None]:
+    # One file and a handful of short fields: anything more is a malformed request (400 from Starlette).
+    async with request.form(max_files=1, max_fields=8, max_part_size=settings.max_question_chars * 4 + 1024) as form:
+        image = form.get("image")
+        if image is None:
+            raise ValidationFailed("multipart field 'image' (an image file) is required", param="image")
+        if not isinstance(image, UploadFile):
+            raise ValidationFailed("multipart field 'image' must be a file upload, not a text field",
+                                   param="image")
+        data = await image.read()
+        question = form.get("question")
+        if question is None:
+            raise ValidationFailed("multipart field 'question' is required", param="question")
+        variant = form.get("variant")
+        if variant is not None and not isinstance(variant, str):
+            raise ValidationFailed("multipart field 'variant' must be text", param="variant")
+        return data, question, form.get("max_new_tokens"), variant
+
+
+async def _read_answer_json(request: Request) -> tuple[bytes, Any, Any, str | None]:
+    body: AnswerJSON = validate_model(AnswerJSON, await read_json(request))
+    source = body.image if body.image is not None else body.image_url
+    if isinstance(source, ImageURL):
+        source = source.url
+    if source is None:
+        raise ValidationFailed("'image' (base64 or a data: URL) is required", param="image")
+    if body.image is not None and body.image_url is not None:
+        raise ValidationFailed("give either 'image' or 'image_url', not both", param="image")
+    data = await offload_if_large(len(source), decode_image_field, source)
+    return data, body.question, body.max_new_tokens, body.variant
