@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import typer
 
+from service.cli import serve
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="eas-serve: EAS attention skipping for VLMs")
 
 
 @app.callback()
 def main() -> None:
     """Efficient Attention Skipping: convert, evaluate and serve vision-language models."""
+
+
+app.command("serve")(serve)
