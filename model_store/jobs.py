@@ -49,7 +49,7 @@ class JobRecord:
     id: str
     model: str
     source_version: str
-    params: dict[str, Any]
+    params: dict[str, Any] = field(hash=False)  # dicts are unhashable
     status: JobStatus
     progress: float
     stage: str
@@ -57,7 +57,7 @@ class JobRecord:
     started_at: str | None
     finished_at: str | None
     error: str | None
-    result: dict[str, Any] | None
+    result: dict[str, Any] | None = field(hash=False)
     idempotency_key: str | None
     params_hash: str
     worker_pid: int | None

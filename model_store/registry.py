@@ -106,7 +106,7 @@ class VersionInfo:
     parent: tuple[str, str] | None
     path: Path
     created_at: str
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)  # dicts are unhashable
     active: bool = False
 
     @property

@@ -212,6 +212,8 @@ class ModelStore:
         if parent is not None:
             if kind == "baseline":
                 raise ValueError("a baseline version has no parent; parents are for converted versions")
+            if len(parent) != 2:
+                raise ValueError(f"parent must be (model, version), got {parent!r}")
             parent = (str(parent[0]), str(parent[1]))
             self.get_version(*parent)  # fail before writing anything
         elif kind == "converted":
