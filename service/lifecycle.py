@@ -222,6 +222,10 @@ class Service:
     async def close(self) -> None:
         """Lifespan shutdown: drain (if not done yet), stop workers and background tasks."""
         await self.drain()
+        # Workers finish their current batch and exit; wait briefly so that the interpreter does not
+        # tear down torch under a running batch (a stuck one is a daemon and cannot block exit).
+        for served in self.registry.all():
+            await asyncio.to_thread(served.batcher.join, 2.0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

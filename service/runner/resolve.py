@@ -40,6 +40,9 @@ def _from_store(settings: Settings) -> list[VariantInfo]:
 
     store = ModelStore.open(settings.model_store)
     name = settings.model or store.default_model()
+    if name is None:
+        raise LookupError(f"the model store at {settings.model_store} is empty: import or convert a model, "
+                          "or serve a directory with EAS_MODEL_PATH")
     active = store.get_version(name)
     path = store.path_for_loading(active.name, active.version)  # verifies checksums
     if active.kind != "converted":
