@@ -1,0 +1,156 @@
+"""Fixtures for the service tests: two tiny, differently seeded LLaVA models on disk (built once per
+session, loaded in well under a second), settings pointing at them, and a running app behind an ASGI
+client (no sockets) with its lifespan entered and its models warm."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from PIL import Image, ImageDraw
+from transformers.utils import logging as hf_logging
+
+from eas.model.loading import LoadedModel
+from eas.model.manifest import write_manifest
+from eas.zoo.llava import build_llava
+from service.app import create_app
+from service.lifecycle import default_loader
+from service.runner.runner import VariantInfo
+from service.server import DrainingServer
+from service.settings import Settings
+
+hf_logging.disable_progress_bar()  # keep test output readable
+
+
+@dataclass(frozen=True)
+class ModelDirs:
+    eas: Path
+    baseline: Path
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> ModelDirs:
+    root = tmp_path_factory.mktemp("models")
+    dirs = {}
+    for variant, seed in (("eas", 0), ("baseline", 1)):
+        model, processor = build_llava(seed=seed)
+        path = root / f"tiny-{variant}"
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        write_manifest(path)
+        dirs[variant] = path
+    return ModelDirs(**dirs)
+
+
+def make_settings(dirs: ModelDirs, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"model_path": dirs.eas, "baseline_path": dirs.baseline, "model": "tiny-llava",
+                              "device": "cpu", "dtype": "fp32", "max_batch_wait_ms": 2.0,
+                              "api_token": None, "admin_token": None, "shutdown_timeout_s": 5.0}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def running_app(settings: Settings, **factory_kwargs: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The app with its lifespan entered and loading finished, plus an in-process client."""
+    app = create_app(settings, **factory_kwargs)
+    async with app.router.lifespan_context(app):
+        await app.state.service.wait_loaded(timeout_s=60)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30) as client:
+            yield app, client
+
+
+class Gate:
+    """Holds every generation until opened: makes "the worker is busy" deterministic in tests."""
+
+    def __init__(self) -> None:
+        self.open_event = threading.Event()
+        self.open_event.set()  # open during warm-up
+        self.started = threading.Event()
+        self.batches: list[int] = []
+
+    def close(self) -> None:
+        self.started.clear()
+        self.open_event.clear()
+
+    def open(self) -> None:
+        self.open_event.set()
+
+    def loader(self) -> Callable[[VariantInfo, Settings], LoadedModel]:
+        def load(info: VariantInfo, settings: Settings) -> LoadedModel:
+            model = default_loader(info, settings)
+            generate_ids = model.generate_ids
+
+            def gated(batch: Any, max_new_tokens: int = 8) -> Any:
+                self.batches.append(int(batch["input_ids"].shape[0]))
+                self.started.set()
+                if not self.open_event.wait(20):
+                    raise TimeoutError("test gate never opened")
+                return generate_ids(batch, max_new_tokens)
+
+            model.generate_ids = gated  # type: ignore[method-assign]
+            return model
+
+        return load
+
+
+def image_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (48, 40),
+                fmt: str = "PNG", shape: str = "ellipse") -> bytes:
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    box = (size[0] // 5, size[1] // 5, 4 * size[0] // 5, 4 * size[1] // 5)
+    (draw.ellipse if shape == "ellipse" else draw.rectangle)(box, fill=color)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def multipart(image: bytes, question: str, **fields: str) -> dict[str, Any]:
+    return {"files": {"image": ("image.png", image, "image/png")}, "data": {"question": question, **fields}}
+
+
+@contextmanager
+def uvicorn_thread(app: Any, *, startup_timeout_s: float = 60) -> Iterator[tuple[str, DrainingServer]]:
+    """A real uvicorn (DrainingServer) on 127.0.0.1, an OS-chosen port, in a background thread; yields
+    once the app reports ready. Stopped (and joined, bounded) on exit."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    server = DrainingServer(config, app.state.service)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + startup_timeout_s
+    try:
+        while True:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not become ready")
+            try:
+                if httpx.get(f"{base_url}/health/ready", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        yield base_url, server
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()

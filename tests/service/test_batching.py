@@ -1,0 +1,157 @@
+"""Dynamic batching: the Batcher's rules on a fake runner, and batched answers equal to unbatched ones
+through the real model (left padding, mixed question lengths, mixed max_new_tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from eas.model.loading import load_model
+from service.batching.batcher import Batcher
+from service.batching.work import Generation, WorkItem
+from service.errors import DeadlineExceeded, QueueFull, ServiceUnavailable
+from tests.service.conftest import Gate, ModelDirs, image_bytes, make_settings, multipart, running_app
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeRunner:
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, items: list[WorkItem]) -> list[Generation]:
+        self.batches.append([i.question for i in items])
+        self.release.wait(10)
+        return [Generation(text=i.question.upper(), prompt_tokens=1, completion_tokens=1, finish_reason="stop",
+                           prepare_s=0.0, inference_s=0.0, batch_size=len(items)) for i in items]
+
+
+def make_batcher(runner: FakeRunner, **overrides: float) -> Batcher:
+    options = {"max_batch_size": 4, "max_batch_wait_s": 0.05, "max_queue_size": 8} | overrides
+    return Batcher(runner, name="test", queue_full=lambda: QueueFull("full"), **options)  # type: ignore[arg-type]
+
+
+def submit(batcher: Batcher, question: str, deadline_s: float = 10.0) -> WorkItem:
+    loop = asyncio.get_running_loop()
+    item = WorkItem(image=Image.new("RGB", (4, 4)), question=question, max_new_tokens=1,
+                    deadline=time.monotonic() + deadline_s, loop=loop, future=loop.create_future())
+    batcher.admit().enqueue(item)
+    return item
+
+
+async def wait_until(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def test_batches_fill_up_to_max_size() -> None:
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_wait_s=0.2)
+    batcher.start()
+    items = [submit(batcher, f"q{i}") for i in range(6)]
+    results = await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 5)
+    assert [r.generation.text for r in results] == [f"Q{i}" for i in range(6)]
+    assert runner.batches == [["q0", "q1", "q2", "q3"], ["q4", "q5"]]
+    assert {r.generation.batch_size for r in results[:4]} == {4}
+    batcher.stop()
+
+
+async def test_partial_batch_leaves_after_the_wait_window() -> None:
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_wait_s=0.03)
+    batcher.start()
+    t0 = time.monotonic()
+    result = await asyncio.wait_for(submit(batcher, "alone").future, 5)
+    assert result.generation.batch_size == 1
+    assert 0.02 <= time.monotonic() - t0 < 2.0
+    batcher.stop()
+
+
+async def test_admission_bound_counts_admitted_not_started() -> None:
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_queue_size=2)  # not started: nothing leaves the queue
+    held = batcher.admit()  # still decoding its image: counts
+    submit(batcher, "a")
+    with pytest.raises(QueueFull):
+        batcher.admit()
+    held.release()
+    submit(batcher, "b")
+    assert batcher.pending == 2
+
+
+async def test_expired_items_fail_without_running() -> None:
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_wait_s=0.0)
+    expired = submit(batcher, "late", deadline_s=-1)
+    fresh = submit(batcher, "fresh")
+    batcher.start()
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(expired.future, 5)
+    assert (await asyncio.wait_for(fresh.future, 5)).generation.text == "FRESH"
+    assert runner.batches == [["fresh"]]
+    batcher.stop()
+
+
+async def test_withdraw_and_fail_all_and_stop() -> None:
+    runner = FakeRunner()
+    runner.release.clear()
+    batcher = make_batcher(runner, max_batch_size=1, max_batch_wait_s=0.0)
+    batcher.start()
+    first = submit(batcher, "first")
+    await wait_until(lambda: runner.batches)
+    second, third = submit(batcher, "second"), submit(batcher, "third")
+    assert batcher.withdraw(second) is True and batcher.withdraw(second) is False
+    batcher.stop_accepting()
+    with pytest.raises(ServiceUnavailable):
+        batcher.admit()
+    assert batcher.fail_all(lambda: ServiceUnavailable("bye")) == 2  # running "first" + queued "third"
+    for item in (first, third):
+        with pytest.raises(ServiceUnavailable):
+            await item.future
+    runner.release.set()
+    batcher.stop()
+    await asyncio.to_thread(batcher.join, 5)
+    assert runner.batches == [["first"]]
+
+
+QUESTIONS = ["what colour is the circle?", "is there a red shape?", "what shape is it?",
+             "what is in the image? answer in one word please", "colour?", "is the square blue or green?",
+             "what colour is the rectangle in the middle of the picture?"]
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 30), (0, 128, 128), (120, 60, 20),
+           (90, 90, 90)]
+
+
+async def test_batched_answers_equal_unbatched(model_dirs: ModelDirs) -> None:
+    """Hold the worker on a first request so the next seven queue up and run as ONE padded batch; each
+    answer must equal the same request run alone (greedy, left-padded)."""
+    gate = Gate()
+    settings = make_settings(model_dirs, baseline_path=None, max_batch_size=8, max_batch_wait_ms=50)
+    pngs = [image_bytes(c, size=(40 + 9 * i, 32 + 5 * i), shape="ellipse" if i % 2 else "rect")
+            for i, c in enumerate(COLOURS)]
+    tokens = [8, 3, 8, 5, 8, 1, 8]
+    async with running_app(settings, loader=gate.loader()) as (app, client):
+        gate.batches.clear()
+        gate.close()
+        first = asyncio.create_task(client.post("/v1/answer", **multipart(pngs[0], QUESTIONS[0])))
+        await asyncio.to_thread(gate.started.wait, 10)
+        batcher = app.state.service.registry.get("eas").batcher
+        rest = [asyncio.create_task(client.post("/v1/answer", **multipart(
+            png, q, max_new_tokens=str(n)))) for png, q, n in zip(pngs, QUESTIONS, tokens, strict=True)]
+        await wait_until(lambda: batcher.pending == len(rest))
+        gate.open()
+        responses = [await first, *(await asyncio.gather(*rest))]
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert gate.batches == [1, 7]
+    direct = load_model(model_dirs.eas, device="cpu", dtype="fp32")
+    for response, png, question, n in zip(responses[1:], pngs, QUESTIONS, tokens, strict=True):
+        alone = direct.answer([Image.open(io.BytesIO(png))], [question], max_new_tokens=n)[0]
+        assert response.json()["answer"] == alone, question
