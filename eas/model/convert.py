@@ -46,6 +46,7 @@ def apply_plan(
     *,
     merged: bool = False,
     train_projector: bool = False,
+    check_fingerprint: bool = True,
 ) -> PreTrainedModel:
     """Convert `model` in place and return it.
 
@@ -56,7 +57,7 @@ def apply_plan(
     if eas_runtime(model) is not None:
         raise ConversionError("model is already converted")
     decoder = locate_decoder(model)
-    plan.check_model(model, decoder.num_layers)
+    plan.check_model(model, decoder.num_layers, check_fingerprint=check_fingerprint)
     hidden = decoder.text_config.hidden_size
     adapters.check_hidden(hidden)
     if merged and adapters.router:
