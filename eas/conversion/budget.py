@@ -1,0 +1,183 @@
+"""How many attention sub-layers to skip: by count, by fraction, or by a target latency speedup.
+
+The target-speedup budget needs to know what an attention sub-layer costs *on the device that will run
+the model*, so `measure_cost` times a representative batch-1 generation (the prompt of a real sample,
+a fixed number of new tokens) end to end, and — with hooks — the time spent inside every layer's
+`self_attn` and `mlp`. Skipping k layers removes k attention sub-layers (their KV-cache writes
+included; the PIA that replaces one folds into the FFN at no cost, eas-method.md §8), so
+
+    predicted speedup(k) = T_total / (T_total − k · t_attn)
+
+with t_attn the mean per-layer attention time. The smallest k whose prediction reaches the target is
+chosen. Every decoder layer of the supported families has the same shape, so the prediction does not
+depend on *which* layers are skipped and the budget can be fixed before a criterion runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import PreTrainedModel, ProcessorMixin
+
+from eas.conversion.data import VQASample, load_images
+from eas.model.arch import locate_decoder
+from eas.model.generation import generate
+from eas.model.loading import LoadedModel
+
+
+class Budget(BaseModel):
+    """Exactly one of: a skip count, a fraction of all MHA sub-layers, or a target speedup (> 1)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    count: int | None = Field(None, gt=0)
+    fraction: float | None = Field(None, gt=0, lt=1)
+    target_speedup: float | None = Field(None, gt=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Budget:
+        given = [n for n in ("count", "fraction", "target_speedup") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one budget: a skip count, a skip fraction or a target speedup")
+        return self
+
+    def describe(self) -> str:
+        if self.count is not None:
+            return f"skip {self.count} layers"
+        if self.fraction is not None:
+            return f"skip {self.fraction:.0%} of the attention layers"
+        return f"target speedup {self.target_speedup:g}x"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Measured costs of one representative batch-1 generation (seconds)."""
+
+    device: str
+    num_layers: int
+    prompt_tokens: int
+    new_tokens: int
+    total_s: float
+    attention_s: float  # mean over layers of the time inside one layer's self_attn
+    ffn_s: float  # same for the mlp
+
+    def predicted_speedup(self, k: int) -> float:
+        remaining = self.total_s - k * self.attention_s
+        return self.total_s / max(remaining, 1e-12)
+
+    @property
+    def attention_share(self) -> float:
+        """Share of the whole generation spent in attention sub-layers."""
+        return self.num_layers * self.attention_s / self.total_s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def measure_cost(model: PreTrainedModel, processor: ProcessorMixin, sample: VQASample, *,
+                 new_tokens: int = 4, repeats: int = 5) -> CostModel:
+    """Median end-to-end time of `repeats` batch-1 generations, then the same run with timing hooks on
+    every self_attn and mlp (hook overhead is kept out of the total)."""
+    param = next(model.parameters())
+    device = param.device
+    loaded = LoadedModel(model=model, processor=processor, device=device, dtype=param.dtype)
+    batch = loaded.prepare(load_images([sample]), [sample.question])
+    model.eval()
+
+    def run() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        generate(model, batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        _sync(device)
+        return time.perf_counter() - start
+
+    run()  # warm-up: allocator, kernels, lazy init
+    total = statistics.median(run() for _ in range(repeats))
+
+    layers = locate_decoder(model).layers
+    spent = {"attn": [0.0] * len(layers), "ffn": [0.0] * len(layers)}
+    starts: dict[tuple[str, int], float] = {}
+    handles = []
+
+    def timer(kind: str, i: int):
+        def pre(*_):
+            _sync(device)
+            starts[(kind, i)] = time.perf_counter()
+
+        def post(*_):
+            _sync(device)
+            spent[kind][i] += time.perf_counter() - starts.pop((kind, i))
+        return pre, post
+
+    for i, layer in enumerate(layers):
+        for kind, module in (("attn", getattr(layer, "self_attn", None)), ("ffn", layer.mlp)):
+            if module is None:
+                continue
+            pre, post = timer(kind, i)
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        for _ in range(repeats):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    attn_layers = [t for t in spent["attn"] if t > 0] or [0.0]
+    return CostModel(
+        device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        num_layers=len(layers),
+        prompt_tokens=int(batch["input_ids"].shape[1]),
+        new_tokens=new_tokens,
+        total_s=total,
+        attention_s=sum(attn_layers) / len(attn_layers) / repeats,
+        ffn_s=sum(spent["ffn"]) / len(layers) / repeats,
+    )
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    k: int
+    fraction: float
+    predicted_speedup: float | None
+    basis: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_budget(budget: Budget, num_layers: int, num_candidates: int, cost: CostModel | None) -> BudgetDecision:
+    """The skip count a budget asks for, checked against the candidates, with the predicted speedup."""
+
+    def decided(k: int, basis: str) -> BudgetDecision:
+        if k > num_candidates:
+            raise ValueError(
+                f"{budget.describe()} means skipping {k} layers, but only {num_candidates} of the {num_layers} "
+                "layers are candidates (layer 0 is excluded unless include_layer0 is set)"
+            )
+        predicted = cost.predicted_speedup(k) if cost is not None else None
+        return BudgetDecision(k=k, fraction=k / num_layers, predicted_speedup=predicted, basis=basis)
+
+    if budget.count is not None:
+        return decided(budget.count, "count")
+    if budget.fraction is not None:
+        return decided(max(1, int(budget.fraction * num_layers + 0.5)), "fraction")  # half rounds up
+    if cost is None:
+        raise ValueError("a target-speedup budget needs a measured cost model")
+    for k in range(1, num_candidates + 1):
+        if cost.predicted_speedup(k) >= budget.target_speedup:
+            return decided(k, "target_speedup")
+    best = cost.predicted_speedup(num_candidates)
+    raise ValueError(
+        f"target speedup {budget.target_speedup:g}x is out of reach on {cost.device}: skipping all "
+        f"{num_candidates} candidate layers predicts {best:.2f}x (attention is {cost.attention_share:.0%} of "
+        "a generation there)"
+    )
