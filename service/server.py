@@ -13,9 +13,14 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
+import time
+from collections.abc import Iterator
 from types import FrameType
 
+import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from service.lifecycle import Service
 
@@ -59,3 +64,38 @@ class DrainingServer(uvicorn.Server):
             await self.service.drain()
         finally:
             self.should_exit = True
+
+
+@contextlib.contextmanager
+def background_server(
+    app: FastAPI, *, host: str = "127.0.0.1", startup_timeout_s: float = 120.0, log_level: str = "warning"
+) -> Iterator[tuple[str, DrainingServer]]:
+    """Serve `app` with a DrainingServer on an OS-chosen port in a daemon thread (tests, benchmarks).
+
+    Yields `(base_url, server)` once `/health/ready` answers 200; raises if it never does. On exit the
+    server is stopped and its thread joined (bounded).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    base_url = f"http://{host}:{sock.getsockname()[1]}"
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+    server = DrainingServer(config, app.state.service)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    try:
+        with httpx.Client(base_url=base_url, trust_env=False, timeout=2) as client:
+            while True:
+                if not thread.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"server at {base_url} did not become ready (phase "
+                                       f"{app.state.service.phase}, error {app.state.service.error})")
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get("/health/ready").status_code == 200:
+                        break
+                time.sleep(0.05)
+        yield base_url, server
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()

@@ -5,18 +5,15 @@ client (no sockets) with its lifespan entered and its models warm."""
 from __future__ import annotations
 
 import io
-import socket
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image, ImageDraw
 from transformers.utils import logging as hf_logging
 
@@ -26,7 +23,7 @@ from eas.zoo.llava import build_llava
 from service.app import create_app
 from service.lifecycle import default_loader
 from service.runner.runner import VariantInfo
-from service.server import DrainingServer
+from service.server import DrainingServer, background_server
 from service.settings import Settings
 
 hf_logging.disable_progress_bar()  # keep test output readable
@@ -125,32 +122,6 @@ def multipart(image: bytes, question: str, **fields: str) -> dict[str, Any]:
     return {"files": {"image": ("image.png", image, "image/png")}, "data": {"question": question, **fields}}
 
 
-@contextmanager
-def uvicorn_thread(app: Any, *, startup_timeout_s: float = 60) -> Iterator[tuple[str, DrainingServer]]:
-    """A real uvicorn (DrainingServer) on 127.0.0.1, an OS-chosen port, in a background thread; yields
-    once the app reports ready. Stopped (and joined, bounded) on exit."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-    server = DrainingServer(config, app.state.service)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + startup_timeout_s
-    try:
-        while True:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("uvicorn did not become ready")
-            try:
-                if httpx.get(f"{base_url}/health/ready", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        yield base_url, server
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+def uvicorn_thread(app: Any) -> AbstractContextManager[tuple[str, DrainingServer]]:
+    """A real uvicorn (DrainingServer) on 127.0.0.1 in a background thread, ready when entered."""
+    return background_server(app, startup_timeout_s=60)
