@@ -1,5 +1,8 @@
 """FastAPI dependencies: the service objects live on `app.state` and reach routes only through these.
 
+They are `async def` on purpose although they do no I/O: FastAPI runs plain `def` dependencies in a
+thread pool, a thread hop (and GIL hand-off) per dependency per request.
+
 Inference routes run, in this order (serving-conventions §2): authentication (401) → readiness (503)
 → declared Content-Length (413). Body parsing, admission and image decoding follow in the route.
 """
@@ -17,15 +20,15 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -34,13 +37,13 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def require_api_token(request: Request) -> None:
+async def require_api_token(request: Request) -> None:
     verifier: TokenVerifier = request.app.state.api_auth
     if not verifier.verify(request.headers.get("authorization")):
         raise Unauthorized()
 
 
-def require_admin_token(request: Request) -> None:
+async def require_admin_token(request: Request) -> None:
     """For `/admin/*` (a later issue): disabled (404) until EAS_ADMIN_TOKEN is set."""
     verifier: TokenVerifier = request.app.state.admin_auth
     if not verifier.enabled:
@@ -49,11 +52,11 @@ def require_admin_token(request: Request) -> None:
         raise Unauthorized()
 
 
-def require_accepting(request: Request) -> None:
-    get_service(request).check_accepting()
+async def require_accepting(request: Request) -> None:
+    (await get_service(request)).check_accepting()
 
 
-def check_content_length(request: Request) -> None:
+async def check_content_length(request: Request) -> None:
     raw = request.headers.get("content-length")
     if raw is None:
         return  # chunked: the middleware counts streamed bytes instead
@@ -61,7 +64,7 @@ def check_content_length(request: Request) -> None:
         declared = int(raw)
     except ValueError:
         raise BadRequest("invalid Content-Length header") from None
-    limit = get_settings(request).max_body_bytes
+    limit = (await get_settings(request)).max_body_bytes
     if declared > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
 

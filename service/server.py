@@ -75,7 +75,9 @@ def background_server(
     Yields `(base_url, server)` once `/health/ready` answers 200; raises if it never does. On exit the
     server is stopped and its thread joined (bounded).
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets whose proto says TCP, and
+    # without it Nagle + delayed ACKs add ~40 ms to every response written in two parts.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     base_url = f"http://{host}:{sock.getsockname()[1]}"
