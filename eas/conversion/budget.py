@@ -125,21 +125,28 @@ def measure_cost(model: PreTrainedModel, processor: ProcessorMixin, sample: VQAS
                 continue
             pre, post = timer(kind, i)
             handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    shares: dict[str, list[float]] = {"attn": [], "ffn": []}
     try:
         for _ in range(repeats):
-            run()
+            for kind in spent:
+                spent[kind] = [0.0] * len(layers)
+            wall = run()
+            for kind in spent:
+                shares[kind].append(sum(spent[kind]) / wall)
     finally:
         for handle in handles:
             handle.remove()
-    attn_layers = [t for t in spent["attn"] if t > 0] or [0.0]
+    # Shares of the same hooked run, medians over runs: robust to a stall of the (shared) machine, and
+    # the hooks' own overhead cancels out of the ratio. Applied to the un-hooked median total.
+    attn_layers = sum(1 for module in layers if getattr(module, "self_attn", None) is not None) or 1
     return CostModel(
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         num_layers=len(layers),
         prompt_tokens=int(batch["input_ids"].shape[1]),
         new_tokens=new_tokens,
         total_s=total,
-        attention_s=sum(attn_layers) / len(attn_layers) / repeats,
-        ffn_s=sum(spent["ffn"]) / len(layers) / repeats,
+        attention_s=statistics.median(shares["attn"]) * total / attn_layers,
+        ffn_s=statistics.median(shares["ffn"]) * total / len(layers),
     )
 
 
