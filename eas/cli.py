@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from eas.conversion.cli import convert_command
 from service.cli import serve
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="eas-serve: EAS attention skipping for VLMs")
@@ -15,3 +16,4 @@ def main() -> None:
 
 
 app.command("serve")(serve)
+app.command("convert")(convert_command)

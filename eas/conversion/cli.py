@@ -1,0 +1,115 @@
+"""`eas convert`: the command-line face of `eas.conversion.pipeline.convert`.
+
+Every option maps one-to-one onto a `ConversionRequest` field, so the CLI and the admin job run the same
+conversion. Errors are printed as one clear message (exit 2 for a bad request or dataset, 1 for a failed
+conversion, 130 when interrupted); nothing is written in any of those cases.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from eas.conversion.data import EASY_VQA, DatasetError
+from eas.conversion.errors import Cancelled, ConversionFailed
+
+
+def _fail(message: str, code: int) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "request"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def convert_command(
+    store: Annotated[Path, typer.Option(help="model store directory")],
+    model: Annotated[str, typer.Option(help="model name in the store")],
+    dataset: Annotated[str, typer.Option(help=f"'{EASY_VQA}' or a JSONL file of {{image, question, answer}}")]
+    = EASY_VQA,
+    criterion: Annotated[str, typer.Option(help="eas | cosine | kl | uniform | deepest")] = "eas",
+    version: Annotated[str | None, typer.Option(help="source version (default: the active one)")] = None,
+    skip_count: Annotated[int | None, typer.Option(help="skip this many attention layers")] = None,
+    skip_fraction: Annotated[float | None, typer.Option(help="skip this fraction of the attention layers")] = None,
+    target_speedup: Annotated[float | None, typer.Option(help="skip the fewest layers predicted to reach this "
+                                                                "latency speedup on this device")] = None,
+    steps: Annotated[int | None, typer.Option(help="training steps (default 300)")] = None,
+    epochs: Annotated[float | None, typer.Option(help="training epochs (instead of --steps)")] = None,
+    search_steps: Annotated[int | None, typer.Option(help="supernet steps of the eas search (default 300)")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate (default 9e-3 * batch / 256)")] = None,
+    batch_size: Annotated[int, typer.Option(help="training batch size")] = 16,
+    seed: Annotated[int, typer.Option(help="seed of data order, adapter init and bandit draws")] = 0,
+    eval_limit: Annotated[int | None, typer.Option(help="test questions for accuracy (default: all)")] = None,
+    no_accuracy: Annotated[bool, typer.Option("--no-accuracy", help="skip the accuracy measurement")] = False,
+    include_layer0: Annotated[bool, typer.Option(help="allow skipping layer 0's attention")] = False,
+    activate: Annotated[bool, typer.Option("--activate/--no-activate", help="serve the new version")] = False,
+    out: Annotated[Path | None, typer.Option(help="write a plain directory here instead of a store version")]
+    = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print the full result as JSON")] = False,
+) -> None:
+    """Convert a stored model: choose the attention layers to skip, train the adapters, fold, evaluate, store."""
+    from eas.conversion.pipeline import ConversionRequest, ProgressEvent, convert  # torch only when running
+    from model_store import StoreError
+
+    search = {} if search_steps is None else {"steps": search_steps}
+    try:
+        request = ConversionRequest(
+            store=store, model=model, version=version, dataset=dataset, criterion=criterion,
+            skip_count=skip_count, skip_fraction=skip_fraction, target_speedup=target_speedup,
+            steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, eval_limit=eval_limit,
+            evaluate_accuracy=not no_accuracy, include_layer0=include_layer0, activate=activate, out=out,
+            device=device, search=search,
+        )
+    except ValidationError as exc:
+        _fail(_validation_message(exc), 2)
+
+    def show(event: ProgressEvent) -> None:
+        if " step " in event.message and event.stage_fraction < 1.0:
+            return  # training steps have their own tqdm bar (loss, ETA)
+        typer.echo(f"[{event.fraction:5.1%}] {event.stage:9s} {event.message}", err=True)
+
+    try:
+        result = convert(request, progress=show)
+    except DatasetError as exc:
+        _fail(str(exc), 2)
+    except (ConversionFailed, StoreError, ValueError) as exc:
+        _fail(str(exc), 1)
+    except (Cancelled, KeyboardInterrupt):
+        typer.secho("cancelled: nothing was written", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+
+    if as_json:
+        json.dump(result.to_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return
+    s = result.summary()
+    where = f"{s['model']}:{s['version']}" if s["version"] else s["path"]
+    typer.echo(f"converted {s['model']}:{s['source_version']} -> {where}")
+    typer.echo(f"  criterion      {s['criterion']}; skipped {s['skipped']} of {s['num_layers']} "
+               f"({s['skip_fraction']:.0%})")
+    if s["converted_accuracy"] is not None:
+        typer.echo(f"  accuracy       {s['source_accuracy']:.2%} -> {s['converted_accuracy']:.2%} "
+                   f"({s['accuracy_delta'] * 100:+.2f} points, {s['accuracy_questions']} {s['accuracy_split']} "
+                   "questions)")
+    typer.echo(f"  latency        {s['source_latency_s'] * 1e3:.1f} -> {s['converted_latency_s'] * 1e3:.1f} ms "
+               f"(speedup {s['measured_speedup']:.2f}x measured, {s['predicted_speedup']:.2f}x predicted)")
+    typer.echo(f"  training       {s['train_steps']} steps; val loss {s['val_loss_before']:.4f} -> "
+               f"{s['val_loss_after']:.4f}")
+    typer.echo(f"  fold check     relative logit difference {s['fold_relative_diff']:.1e}")
+    if result.skipped_rows:
+        typer.echo(f"  skipped rows   {len(result.skipped_rows)}:")
+        for row in result.skipped_rows[:20]:
+            typer.echo(f"    {row}")
+    typer.echo(f"  time           {s['total_seconds']:.0f} s " + ", ".join(
+        f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items()))
