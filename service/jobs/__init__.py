@@ -1,0 +1,1 @@
+"""Admin conversion jobs: each runs in its own worker process, supervised from the server."""

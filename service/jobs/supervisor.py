@@ -1,0 +1,201 @@
+"""Start, watch and stop conversion worker processes.
+
+A conversion runs as `python -m eas.conversion.job` in its own process group, so an exception, an
+out-of-memory kill or a segfault in it never reaches the server. The supervisor thread starts queued jobs
+(one at a time by default: a conversion already uses every core), reaps finished workers, and turns a
+worker that died without recording a terminal status into a failed job that says how it died. A cancel
+is cooperative (the worker polls its row); a worker that ignores it past a grace period is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_store import JobRecord, ModelStore
+from model_store.errors import StoreError
+
+log = logging.getLogger("eas.jobs")
+
+
+@dataclass
+class _Worker:
+    job_id: str
+    process: subprocess.Popen
+    log_path: Path
+    cancel_seen_at: float | None = None
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"worker process was killed by {name}"
+    return f"worker process exited with code {returncode} without recording a result"
+
+
+class JobSupervisor:
+    def __init__(
+        self,
+        store: ModelStore,
+        *,
+        on_succeeded: Callable[[JobRecord], None] | None = None,
+        max_concurrent: int = 1,
+        poll_s: float = 0.2,
+        cancel_grace_s: float = 15.0,
+        python: str = sys.executable,
+    ) -> None:
+        self.store = store
+        self.on_succeeded = on_succeeded
+        self.max_concurrent = max_concurrent
+        self.poll_s = poll_s
+        self.cancel_grace_s = cancel_grace_s
+        self.python = python
+        self.log_dir = Path(store.root) / "job-logs"
+        self._workers: dict[str, _Worker] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> list[str]:
+        """Fail the jobs a previous server left unfinished, then start supervising; returns those ids."""
+        interrupted = self.store.fail_interrupted_jobs("interrupted: the server restarted while the job ran")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._loop, name="job-supervisor", daemon=True)
+        self._thread.start()
+        return interrupted
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop supervising; running workers get SIGTERM, then SIGKILL, and their jobs fail with `shutdown`."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+        with self._lock:
+            workers = list(self._workers.values())
+            self._workers.clear()
+        for worker in workers:
+            _signal_group(worker.process, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for worker in workers:
+            try:
+                worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(worker.process, signal.SIGKILL)
+                worker.process.wait()
+            self._fail_if_unfinished(worker.job_id, "shutdown: the server stopped while the job ran")
+
+    # -- API used by the routes --------------------------------------------------------------------------
+    def submit(self) -> None:
+        """A job was queued: look for work now rather than at the next poll."""
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.store.request_cancel(job_id)
+        self._wake.set()
+        return job
+
+    def running_pids(self) -> dict[str, int]:
+        with self._lock:
+            return {job_id: w.process.pid for job_id, w in self._workers.items()}
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._reap()
+                self._start_queued()
+            except Exception:  # the supervisor must outlive any single bad row or failed spawn
+                log.exception("job supervisor iteration failed")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def _start_queued(self) -> None:
+        with self._lock:
+            free = self.max_concurrent - len(self._workers)
+        if free <= 0 or self._stop.is_set():
+            return
+        queued = self.store.list_jobs(status="queued", limit=1000)
+        for job in sorted(queued, key=lambda j: j.created_at)[:free]:
+            self._spawn(job)
+
+    def _spawn(self, job: JobRecord) -> None:
+        log_path = self.log_dir / f"{job.id}.log"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                [self.python, "-m", "eas.conversion.job", "--store", str(self.store.root), job.id],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # its own process group: signals to the server don't reach it
+            )
+        try:
+            self.store.update_job(job.id, status="running", stage="starting", worker_pid=process.pid)
+        except StoreError:  # cancelled between listing and spawning: stop the worker we just started
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+            return
+        with self._lock:
+            self._workers[job.id] = _Worker(job.id, process, log_path)
+        log.info("job %s started in worker pid %d", job.id, process.pid)
+
+    def _reap(self) -> None:
+        with self._lock:
+            workers = list(self._workers.values())
+        for worker in workers:
+            returncode = worker.process.poll()
+            if returncode is None:
+                self._enforce_cancel(worker)
+                continue
+            with self._lock:
+                self._workers.pop(worker.job_id, None)
+            job = self._fail_if_unfinished(worker.job_id, describe_exit(returncode))
+            log.info("job %s worker exited (%s): %s", worker.job_id, returncode, job.status if job else "?")
+            if job is not None and job.status == "succeeded" and self.on_succeeded is not None:
+                try:
+                    self.on_succeeded(job)
+                except Exception:
+                    log.exception("post-success hook of job %s failed", job.id)
+
+    def _enforce_cancel(self, worker: _Worker) -> None:
+        job = self.store.get_job(worker.job_id)
+        if not job.cancel_requested:
+            return
+        now = time.monotonic()
+        if worker.cancel_seen_at is None:
+            worker.cancel_seen_at = now
+        elif now - worker.cancel_seen_at > self.cancel_grace_s:
+            log.warning("job %s ignored its cancel for %.0f s: killing the worker", job.id, self.cancel_grace_s)
+            _signal_group(worker.process, signal.SIGKILL)
+            worker.process.wait()
+            with self._lock:
+                self._workers.pop(worker.job_id, None)
+            if not self.store.get_job(job.id).finished:
+                self.store.update_job(job.id, status="cancelled", error="cancelled: the worker was stopped")
+
+    def _fail_if_unfinished(self, job_id: str, reason: str) -> JobRecord | None:
+        try:
+            job = self.store.get_job(job_id)
+            if not job.finished:
+                job = self.store.update_job(job_id, status="failed", error=reason)
+            return job
+        except StoreError:
+            log.exception("cannot record the end of job %s", job_id)
+            return None
+
+
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+        os.killpg(process.pid, sig)
