@@ -122,9 +122,7 @@ class Service:
                     return
                 served.batcher.start()
                 self.registry.install(served, default=index == 0)
-                runner = served.runner
-                self.metrics.model_info.labels(model=info.model, variant=info.variant, version=info.version,
-                                               kind=info.kind, dtype=runner.dtype, device=runner.device).set(1)
+                self._set_info_metric(served, 1)
             self.phase = Phase.READY
             self.metrics.model_ready.set(1)
             log.info("ready: serving %s (default %s)", ", ".join(
@@ -159,6 +157,37 @@ class Service:
             on_depth=depth.set,
         )
         return ServedVariant(info=info, runner=runner, batcher=batcher)
+
+    def _set_info_metric(self, served: ServedVariant, value: int) -> None:
+        info, runner = served.info, served.runner
+        labels = (info.model, info.variant, info.version, info.kind, runner.dtype, runner.device)
+        if value:
+            self.metrics.model_info.labels(*labels).set(value)
+        else:
+            with contextlib.suppress(KeyError):
+                self.metrics.model_info.remove(*labels)
+
+    async def replace_variant(self, info: VariantInfo, *, default: bool = False) -> ServedVariant | None:
+        """Hot activation: load and warm `info` beside what serves its variant now, swap atomically, then
+        let the old runner finish what it admitted and stop it. Returns the replaced runner (None if new).
+
+        Routes look a runner up and are admitted to its batcher in the same event-loop step, so after the
+        swap no request can enter the old one; requests already in it complete there.
+        """
+        served = await run_in_daemon_thread(self._build, info)
+        served.batcher.start()
+        old = self.registry.install(served, default=default)
+        self._set_info_metric(served, 1)
+        if old is not None:
+            self._set_info_metric(old, 0)
+            old.batcher.stop_accepting()
+            if not await old.batcher.wait_idle(self.settings.shutdown_timeout_s):
+                old.batcher.fail_all(lambda: ServiceUnavailable("the model version was replaced before this "
+                                                                "request completed", code="replaced"))
+            old.batcher.stop()
+            log.info("variant %s: %s:%s replaced by %s:%s", info.variant, old.info.model, old.info.version,
+                     info.model, info.version)
+        return old
 
     def _queue_full_error(self) -> ServiceError:
         headers = {"Retry-After": str(self.settings.retry_after_s)}

@@ -50,7 +50,9 @@ async def answer(
     metrics: MetricsDep,
 ) -> JSONResponse:
     parsed = await read_answer_request(request, settings)
-    served = service.registry.get(parsed.variant)  # held for the whole request, even across a hot swap
+    # Looked up right before admission (no await in between) and held for the whole request, so a hot
+    # swap of this variant cannot strand it: it completes on the runner it was admitted to.
+    served = service.registry.get(parsed.variant)
     outcome = await infer(request, served, image_bytes=parsed.image_bytes, question=parsed.question,
                           max_new_tokens=parsed.max_new_tokens, deadline=parsed.deadline,
                           limits=service.image_limits, metrics=metrics)

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.deps import INFERENCE_GUARDS, MetricsDep, ServiceDep, SettingsDep
 from service.errors import UnsupportedMediaType
-from service.inference import Outcome, infer, mark_variant
+from service.inference import Outcome, infer
 from service.validation.chat import ChatCompletionRequest, parse_chat
 from service.validation.requests import is_json, media_type, read_json, request_deadline, validate_model
 
@@ -37,9 +37,9 @@ async def chat_completions(
     if not is_json(media_type(request)):
         raise UnsupportedMediaType("Content-Type must be application/json")
     body: ChatCompletionRequest = validate_model(ChatCompletionRequest, await read_json(request))
-    served = service.registry.resolve_model_id(body.model)
-    mark_variant(request, served)
     parsed = await parse_chat(body, settings)
+    # Looked up right before admission (no await in between), so a hot swap cannot strand the request.
+    served = service.registry.resolve_model_id(parsed.model)
     outcome = await infer(request, served, image_bytes=parsed.image_bytes, question=parsed.question,
                           max_new_tokens=parsed.max_new_tokens, deadline=request_deadline(request, settings),
                           limits=service.image_limits, metrics=metrics)

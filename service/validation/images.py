@@ -52,6 +52,11 @@ def sniff_format(data: bytes, preferred: Iterable[str] = ()) -> str | None:
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """A fully loaded image; raises InvalidImage (400), UnsupportedMediaType (415) or PayloadTooLarge (413)."""
+    return load_image(open_image(data, limits))
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Steps 1-2: format and size checks from the magic bytes and the header only (cheap: no pixels)."""
     allowed = ", ".join(limits.allowed_formats)
     if not data:
         raise InvalidImage("the image is empty (0 bytes)", param="image")
@@ -74,10 +79,15 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     if width * height > limits.max_pixels or max(width, height) > limits.max_side:
         raise _too_large(f"image is {width}x{height} = {width * height} pixels; the limit is "
                          f"{limits.max_pixels} pixels and {limits.max_side} per side")
+    return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Step 3: decompress the pixels (cost grows with the pixel count, not the byte count)."""
     try:
         image.load()
     except Exception as exc:
-        raise InvalidImage(f"the {fmt} image is truncated or corrupt: {exc}", param="image") from exc
+        raise InvalidImage(f"the {image.format} image is truncated or corrupt: {exc}", param="image") from exc
     return image
 
 

@@ -123,3 +123,12 @@ async def test_models_and_info(served) -> None:
     assert {v["variant"] for v in info["variants"]} == {"eas", "baseline"}
     assert info["limits"]["url_fetch"] is False
     assert info["batching"]["max_batch_size"] == 16
+
+
+async def test_large_image_decoded_off_the_loop(served, direct) -> None:
+    _, client = served
+    jpeg = image_bytes(size=(900, 700), fmt="JPEG")  # > 512x512 pixels: decoded in a worker thread
+    response = await client.post("/v1/answer", files={"image": ("big.jpg", jpeg, "image/jpeg")},
+                                 data={"question": QUESTION})
+    assert response.status_code == 200, response.text
+    assert response.json()["answer"] == direct["eas"].answer([_pil(jpeg)], [QUESTION])[0]
