@@ -94,6 +94,7 @@ class Service:
         self._loaded: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._drain_task: asyncio.Task[None] | None = None
+        self._drain_deadline = 0.0
 
     # --- startup -----------------------------------------------------------------------------------
 
@@ -233,10 +234,14 @@ class Service:
             self._drain_task = asyncio.create_task(self._drain(budget), name="drain")
         await asyncio.shield(self._drain_task)
 
+    def hurry_drain(self) -> None:
+        """End a running drain's wait now (a second SIGTERM/SIGINT): leftovers get 503 at once."""
+        self._drain_deadline = 0.0
+
     async def _drain(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        for served in self.registry.all():
-            await served.batcher.wait_idle(max(0.0, deadline - time.monotonic()))
+        self._drain_deadline = time.monotonic() + timeout_s
+        while time.monotonic() < self._drain_deadline and any(s.batcher.busy for s in self.registry.all()):
+            await asyncio.sleep(0.01)
         failed = 0
         for served in self.registry.all():
             failed += served.batcher.fail_all(

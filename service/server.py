@@ -40,6 +40,9 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining and self._loop is not None:  # second signal: stop waiting for the drain
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self.service.hurry_drain)
         if self._draining or self._loop is None or not self.started:
             super().handle_exit(sig, frame)  # second signal, or not serving yet: uvicorn's own behaviour
             return

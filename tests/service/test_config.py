@@ -129,3 +129,29 @@ def test_eas_serve_process_drains_on_sigterm(model_dirs: ModelDirs, tmp_path: Pa
     output = log_path.read_text()
     assert code in (0, -signal.SIGTERM), output  # uvicorn re-raises the signal after a clean shutdown
     assert "draining" in output and "Traceback" not in output
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("admin_token", "header", "status"), [
+    (None, "Bearer x", 404),  # admin API disabled until a token is configured
+    ("adm-tok", None, 401),
+    ("adm-tok", "Bearer inference-tok", 401),  # the inference token is not an admin token
+    ("adm-tok", "Bearer adm-tok", 200),
+])
+async def test_admin_token_dependency(model_dirs: ModelDirs, admin_token, header, status) -> None:
+    from fastapi import Depends
+
+    from service.deps import require_admin_token
+
+    settings = Settings(model_path=model_dirs.eas, device="cpu", api_token="inference-tok",
+                        admin_token=admin_token)
+    app = create_app(settings)
+
+    async def ping() -> dict:
+        return {"ok": True}
+
+    app.add_api_route("/admin/ping", ping, dependencies=[Depends(require_admin_token)])
+    transport = httpx.ASGITransport(app=app)  # no lifespan needed: the route touches no model
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/admin/ping", headers={"Authorization": header} if header else {})
+    assert response.status_code == status, response.text

@@ -93,3 +93,25 @@ def test_uvicorn_drain_timeout_fails_leftovers(model_dirs: ModelDirs) -> None:
     finally:
         gate.open()  # let the held worker finish, and wait for it: no torch work running at exit
         app.state.service.registry.get("eas").batcher.join(10)
+
+
+def test_second_signal_skips_the_drain_wait(model_dirs: ModelDirs) -> None:
+    gate = Gate()
+    app = create_app(make_settings(model_dirs, baseline_path=None, max_batch_size=1, shutdown_timeout_s=30),
+                     loader=gate.loader())
+    try:
+        with uvicorn_thread(app) as (base_url, server), concurrent.futures.ThreadPoolExecutor(2) as pool:
+            gate.close()
+            in_flight = pool.submit(_post, base_url)
+            _wait(gate.started.is_set)
+            t0 = time.monotonic()
+            server.request_drain()
+            _wait(lambda: app.state.service.phase == "draining")
+            server.request_drain()  # impatient operator: don't wait the 30 s
+            response = in_flight.result(timeout=10)
+            assert response.status_code == 503 and response.json()["error"]["code"] == "shutdown"
+            assert time.monotonic() - t0 < 5
+            gate.open()
+    finally:
+        gate.open()
+        app.state.service.registry.get("eas").batcher.join(10)
