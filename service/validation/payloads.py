@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -104,7 +103,3 @@ def deadline_from_header(
             raise ValidationFailed("X-Request-Deadline-Ms must be positive", param="X-Request-Deadline-Ms")
         budget_ms = min(budget_ms, max_ms)
     return started_at + budget_ms / 1000.0
-
-
-def now() -> float:
-    return time.monotonic()
