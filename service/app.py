@@ -7,18 +7,23 @@ apps (tests) can live in one process.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from model_store import JobRecord
 from service.auth import TokenVerifier
 from service.errors import install_error_handlers
-from service.lifecycle import Loader, Resolver, Service, default_loader
+from service.jobs.supervisor import JobSupervisor
+from service.lifecycle import Loader, Resolver, Service, default_loader, run_in_daemon_thread
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
-from service.routes import answer, chat, health, metrics, models
+from service.routes import admin, answer, chat, health, metrics, models
+from service.routes.admin import AdminState
+from service.runner.activation import Activator
 from service.runner.resolve import resolve_variants
 from service.settings import Settings
 
@@ -29,10 +34,35 @@ log = logging.getLogger("service")
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
     await service.start()  # loads in the background; /health/ready says 503 until warm
+    admin = await start_admin(app) if app.state.admin_auth.enabled else None
     try:
         yield
     finally:
+        if admin is not None:
+            await run_in_daemon_thread(admin.supervisor.shutdown, service.settings.shutdown_timeout_s)
         await service.close()  # drain: finish admitted work up to the shutdown timeout
+
+
+async def start_admin(app: FastAPI) -> AdminState:
+    """Open the store, fail the jobs a previous server left unfinished, start supervising workers.
+    A job that succeeds with `activate` is hot-activated here, in the server, once it is loaded and warm."""
+    from model_store import ModelStore  # path-only deployments without admin never touch the store
+
+    service: Service = app.state.service
+    store = await run_in_daemon_thread(ModelStore.open, service.settings.model_store)
+    activator = Activator(service, store)
+    loop = asyncio.get_running_loop()
+
+    def on_succeeded(job: JobRecord) -> None:  # called from the supervisor thread
+        if job.params.get("activate") and job.result and job.result.get("version"):
+            asyncio.run_coroutine_threadsafe(activator.activate(job.model, job.result["version"]), loop)
+
+    supervisor = JobSupervisor(store, on_succeeded=on_succeeded)
+    interrupted = await run_in_daemon_thread(supervisor.start)
+    if interrupted:
+        log.warning("marked %d interrupted conversion job(s) failed: %s", len(interrupted), ", ".join(interrupted))
+    app.state.admin = AdminState(store, supervisor, activator)
+    return app.state.admin
 
 
 def create_app(
@@ -52,6 +82,7 @@ def create_app(
     app.state.admin_auth = TokenVerifier(settings.admin_token)
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=app_metrics, max_body_bytes=settings.max_body_bytes)
-    for module in (answer, chat, models, health, metrics):
+    app.state.admin = None
+    for module in (answer, chat, models, health, metrics, admin):
         app.include_router(module.router)
     return app

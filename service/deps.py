@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.auth import TokenVerifier
-from service.errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from service.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
 from service.lifecycle import Service
 from service.metrics import Metrics
 from service.settings import Settings
@@ -44,10 +44,10 @@ async def require_api_token(request: Request) -> None:
 
 
 async def require_admin_token(request: Request) -> None:
-    """For `/admin/*` (a later issue): disabled (404) until EAS_ADMIN_TOKEN is set."""
+    """For `/admin/*`: closed (403) until EAS_ADMIN_TOKEN is set, then 401 without the right token."""
     verifier: TokenVerifier = request.app.state.admin_auth
     if not verifier.enabled:
-        raise NotFound("the admin API is disabled (set EAS_ADMIN_TOKEN to enable it)")
+        raise Forbidden("the admin API is closed: set EAS_ADMIN_TOKEN to enable it")
     if not verifier.verify(request.headers.get("authorization")):
         raise Unauthorized()
 

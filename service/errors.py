@@ -57,8 +57,16 @@ class Unauthorized(ServiceError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class Forbidden(ServiceError):
+    status, code, type, reason = 403, "forbidden", "permission_error", "forbidden"
+
+
 class NotFound(ServiceError):
     status, code, type = 404, "not_found", "invalid_request_error"
+
+
+class Conflict(ServiceError):
+    status, code, type = 409, "conflict", "invalid_request_error"
 
 
 class PayloadTooLarge(ServiceError):

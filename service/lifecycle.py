@@ -180,15 +180,20 @@ class Service:
         old = self.registry.install(served, default=default)
         self._set_info_metric(served, 1)
         if old is not None:
-            self._set_info_metric(old, 0)
-            old.batcher.stop_accepting()
-            if not await old.batcher.wait_idle(self.settings.shutdown_timeout_s):
-                old.batcher.fail_all(lambda: ServiceUnavailable("the model version was replaced before this "
-                                                                "request completed", code="replaced"))
-            old.batcher.stop()
+            await self.retire(old)
             log.info("variant %s: %s:%s replaced by %s:%s", info.variant, old.info.model, old.info.version,
                      info.model, info.version)
         return old
+
+    async def retire(self, old: ServedVariant) -> None:
+        """Stop a runner that is no longer in the registry: it finishes what it admitted (up to the shutdown
+        timeout; leftovers get 503), then its worker stops."""
+        self._set_info_metric(old, 0)
+        old.batcher.stop_accepting()
+        if not await old.batcher.wait_idle(self.settings.shutdown_timeout_s):
+            old.batcher.fail_all(lambda: ServiceUnavailable("the model version was replaced before this "
+                                                            "request completed", code="replaced"))
+        old.batcher.stop()
 
     def _queue_full_error(self) -> ServiceError:
         headers = {"Retry-After": str(self.settings.retry_after_s)}

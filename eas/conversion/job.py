@@ -28,8 +28,10 @@ from model_store.errors import StoreError
 
 log = logging.getLogger("eas.job")
 
-# Fields of ConversionRequest that the server decides, never the job's submitter.
-SERVER_FIELDS = frozenset({"store", "out", "show_progress_bar"})
+# Fields of ConversionRequest that the server decides, never the job's submitter. `activate` is the
+# server's too: it loads and warms the new version and only then marks it active (hot activation), so the
+# store never names as active a version the server has not shown it can serve.
+SERVER_FIELDS = frozenset({"store", "out", "show_progress_bar", "activate"})
 PROGRESS_INTERVAL_S = 0.5
 CANCEL_POLL_S = 0.5
 

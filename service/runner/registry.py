@@ -54,6 +54,12 @@ class RunnerRegistry:
                 self._default = next(iter(served), None)
             return previous
 
+    def set_default(self, variant: str) -> None:
+        with self._lock:
+            if variant not in self._served:
+                raise NotFound(f"variant {variant!r} is not served", code="variant_not_found", param="variant")
+            self._default = variant
+
     @property
     def default_variant(self) -> str | None:
         return self._default

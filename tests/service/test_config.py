@@ -133,7 +133,7 @@ def test_eas_serve_process_drains_on_sigterm(model_dirs: ModelDirs, tmp_path: Pa
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(("admin_token", "header", "status"), [
-    (None, "Bearer x", 404),  # admin API disabled until a token is configured
+    (None, "Bearer x", 403),  # admin API closed until a token is configured
     ("adm-tok", None, 401),
     ("adm-tok", "Bearer inference-tok", 401),  # the inference token is not an admin token
     ("adm-tok", "Bearer adm-tok", 200),

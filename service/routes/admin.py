@@ -1,0 +1,156 @@
+"""Admin API: conversion jobs and model versions (serving-conventions §6, §7).
+
+Every route needs the admin bearer token (403 while none is configured, 401 with a wrong one). Jobs are
+rows in the model store, run by worker processes (service/jobs/supervisor.py); activation loads and
+warms a version beside the current one and swaps atomically (service/runner/activation.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import ValidationError
+
+from eas.conversion.data import EASY_VQA
+from eas.model.manifest import ModelFilesError
+from model_store import JobRecord, ModelStore
+from model_store import errors as store_errors
+from service.deps import ServiceDep, require_admin_token
+from service.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
+from service.jobs.supervisor import JobSupervisor
+from service.lifecycle import run_in_daemon_thread
+from service.runner.activation import Activator
+from service.validation.admin import ConvertBody, job_params
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_token)])
+
+
+class AdminState:
+    """What the admin routes need, created at startup when an admin token is configured."""
+
+    def __init__(self, store: ModelStore, supervisor: JobSupervisor, activator: Activator) -> None:
+        self.store, self.supervisor, self.activator = store, supervisor, activator
+
+
+async def get_admin(request: Request) -> AdminState:
+    admin: AdminState | None = getattr(request.app.state, "admin", None)
+    if admin is None:
+        raise ServiceUnavailable("the admin API is starting", code="not_ready", headers={"Retry-After": "1"})
+    return admin
+
+
+AdminDep = Annotated[AdminState, Depends(get_admin)]
+
+
+def job_view(job: JobRecord) -> dict[str, Any]:
+    view = job.to_dict()
+    view["links"] = {"self": f"/admin/jobs/{job.id}"}
+    return view
+
+
+def _unprocessable(message: str, param: str | None = None) -> ValidationFailed:
+    return ValidationFailed(message, param=param)
+
+
+def _check_source(store: ModelStore, body: Any) -> str:
+    """The source version (resolved), or 422 naming the field; no work is started for a bad request."""
+    try:
+        info = store.get_version(body.model, body.version)
+    except store_errors.NotFound as exc:
+        raise _unprocessable(str(exc), "model" if body.version is None else "version") from exc
+    if info.kind == "converted":
+        raise _unprocessable(f"{info.ref} is already converted; convert its baseline instead", "version")
+    if body.dataset != EASY_VQA and not Path(body.dataset).is_file():
+        raise _unprocessable(f"dataset {body.dataset!r} is neither 'easy-vqa' nor a readable JSONL file", "dataset")
+    return info.version
+
+
+@router.post("/convert", status_code=202)
+async def start_conversion(
+    body: ConvertBody,  # type: ignore[valid-type]
+    response: Response,
+    admin: AdminDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+) -> dict[str, Any]:
+    """Queue a conversion job: 202 with its id and a Location header; 409 while one runs for the model."""
+    try:
+        params = job_params(body, admin.store.root)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise _unprocessable(f"invalid conversion parameters: {first['msg']}",
+                             ".".join(str(p) for p in first.get("loc", ())) or None) from exc
+    version = await run_in_daemon_thread(_check_source, admin.store, body)
+    try:
+        job = await run_in_daemon_thread(lambda: admin.store.create_job(
+            body.model, version, params, idempotency_key=idempotency_key))
+    except store_errors.Conflict as exc:
+        raise Conflict(str(exc), code="conversion_conflict") from exc
+    admin.supervisor.submit()
+    response.headers["Location"] = f"/admin/jobs/{job.id}"
+    return job_view(job)
+
+
+@router.get("/jobs")
+async def list_jobs(
+    admin: AdminDep,
+    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+    model: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    jobs = admin.store.list_jobs(status, model=model, limit=limit, offset=offset)
+    total = admin.store.count_jobs(status, model=model)
+    return {"jobs": [job_view(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
+
+
+def _job(store: ModelStore, job_id: str) -> JobRecord:
+    try:
+        return store.get_job(job_id)
+    except store_errors.NotFound as exc:
+        raise NotFound(f"job {job_id} not found", code="job_not_found") from exc
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(job_id: str, admin: AdminDep) -> dict[str, Any]:
+    return job_view(_job(admin.store, job_id))
+
+
+@router.delete("/jobs/{job_id}")
+async def cancel_job(job_id: str, admin: AdminDep, response: Response) -> dict[str, Any]:
+    """Cancel cooperatively (idempotent): a queued job is cancelled at once, a running one at its next
+    check (202); a finished job is returned unchanged (200)."""
+    _job(admin.store, job_id)
+    job = admin.supervisor.cancel(job_id)
+    if not job.finished:
+        response.status_code = 202
+    return job_view(job)
+
+
+@router.get("/models")
+async def list_models(admin: AdminDep, service: ServiceDep) -> dict[str, Any]:
+    store = admin.store
+    models = []
+    for name in store.list_models():
+        versions = [v.to_dict() for v in store.list_versions(name)]
+        active = next((v["version"] for v in versions if v["active"]), None)
+        models.append({"name": name, "active": active, "versions": versions})
+    served = [{"variant": s.variant, "model": s.info.model, "version": s.info.version}
+              for s in service.registry.all()]
+    return {"models": models, "default": store.default_model(), "served": served}
+
+
+@router.post("/models/{name}/versions/{version}/activate")
+async def activate_version(name: str, version: str, admin: AdminDep, service: ServiceDep) -> dict[str, Any]:
+    """Load and warm the version beside the current one, swap atomically, then mark it active.
+    A missing or corrupted version is refused and the current model keeps serving."""
+    service.check_accepting()
+    try:
+        infos = await admin.activator.activate(name, version)
+    except store_errors.NotFound as exc:
+        raise NotFound(str(exc), code="version_not_found") from exc
+    except ModelFilesError as exc:
+        raise Conflict(f"{name}:{version} cannot be served: {exc}", code="version_corrupted") from exc
+    return {"activated": f"{name}:{version}",
+            "serving": [{"variant": i.variant, "model": i.model, "version": i.version} for i in infos]}

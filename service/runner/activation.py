@@ -1,0 +1,60 @@
+"""Hot activation of a model-store version: load and warm it beside what serves now, swap, then mark it
+active in the store. A version that fails its checksums or its load is refused and the current model
+keeps serving; requests in flight finish on the runner they started on (Service.replace_variant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from model_store import ModelStore
+from service.lifecycle import Service, run_in_daemon_thread
+from service.runner.runner import VariantInfo
+
+log = logging.getLogger("service.activation")
+
+
+def variants_of(store: ModelStore, name: str, version: str, load_baseline: bool) -> list[VariantInfo]:
+    """What serving `name:version` means: a converted version as `eas` (+ its baseline), a baseline alone.
+    Verifies every file's checksum first (store I/O: call off the event loop)."""
+    info = store.get_version(name, version)
+    path = store.path_for_loading(name, version)
+    if info.kind != "converted":
+        return [VariantInfo(variant="baseline", model=name, version=version, kind=info.kind, path=path)]
+    variants = [VariantInfo(variant="eas", model=name, version=version, kind=info.kind, path=path,
+                            parent=":".join(info.parent) if info.parent else None)]
+    base = store.baseline_of(name, version) if load_baseline else None
+    if base is not None:
+        variants.append(VariantInfo(variant="baseline", model=base.name, version=base.version, kind=base.kind,
+                                    path=store.path_for_loading(base.name, base.version)))
+    return variants
+
+
+class Activator:
+    """Serialises activations: two at once would race on the registry and the store's active flag."""
+
+    def __init__(self, service: Service, store: ModelStore) -> None:
+        self.service = service
+        self.store = store
+        self._lock = asyncio.Lock()
+
+    async def activate(self, name: str, version: str) -> list[VariantInfo]:
+        async with self._lock:
+            load_baseline = self.service.settings.load_baseline
+            infos = await run_in_daemon_thread(variants_of, self.store, name, version, load_baseline)
+            served_now = {s.variant: s.info for s in self.service.registry.all()}
+            for index, info in enumerate(infos):
+                current = served_now.get(info.variant)
+                if current is not None and (current.model, current.version) == (info.model, info.version):
+                    continue  # already serving exactly this version under this variant
+                await self.service.replace_variant(info, default=index == 0)
+            if infos[0].variant == "baseline" and "eas" in served_now:
+                # A baseline activated on its own: stop serving the converted variant of the old version.
+                old = self.service.registry.remove("eas")
+                if old is not None:
+                    await self.service.retire(old)
+            self.service.registry.set_default(infos[0].variant)
+            await run_in_daemon_thread(self.store.activate, name, version)
+            log.info("activated %s:%s (%s)", name, version, ", ".join(i.variant for i in infos))
+            return infos
