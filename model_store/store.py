@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODEL_NAME = "easy-vqa-llava"
 # Shipped inside the package by the build (another module owns its contents); may be absent.
 DEFAULT_EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded" / EMBEDDED_MODEL_NAME
+# An EAS conversion of the embedded model may ship beside it as `<name>-eas/`; seeding imports it as the
+# active converted version, so a fresh install serves `eas` beside `baseline` at once.
+EMBEDDED_CONVERTED_SUFFIX = "-eas"
 _DEFAULT_MODEL_KEY = "default_model"
 _COPY_IGNORE = shutil.ignore_patterns("__pycache__", ".git")
 
@@ -187,8 +190,15 @@ class ModelStore:
             activate=True,
             only_if_empty=True,  # re-checked under the write lock: a concurrent opener may have won
         )
-        if info is not None:
-            log.info("model store: seeded %s from %s", info.ref, src)
+        if info is None:
+            return None
+        log.info("model store: seeded %s from %s", info.ref, src)
+        converted = src.with_name(src.name + EMBEDDED_CONVERTED_SUFFIX)
+        if (converted / "config.json").is_file():
+            eas = self.import_directory(name, converted, kind="converted", parent=(name, info.version),
+                                        metadata={"source": "embedded", "imported_from": str(converted)},
+                                        activate=True)
+            log.info("model store: seeded %s (EAS conversion of %s) from %s", eas.ref, info.ref, converted)
         return info
 
     def _add_version(

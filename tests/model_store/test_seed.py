@@ -133,3 +133,15 @@ def test_concurrent_opens_and_writes_from_processes_do_not_corrupt(tmp_path: Pat
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     finally:
         conn.close()
+
+
+def test_an_embedded_conversion_is_seeded_as_the_active_converted_version(tmp_path: Path) -> None:
+    embedded = make_model_dir(tmp_path / "embedded" / "easy-vqa-llava", b"baseline weights")
+    make_model_dir(tmp_path / "embedded" / "easy-vqa-llava-eas", b"converted weights")
+    store = ModelStore.open(tmp_path / "store", embedded_dir=embedded)
+    active = store.active(EMBEDDED_MODEL_NAME)
+    assert (active.version, active.kind, active.parent) == ("v2", "converted", (EMBEDDED_MODEL_NAME, "v1"))
+    assert (active.path / "model.safetensors").read_bytes() == b"converted weights"
+    assert store.baseline_of(EMBEDDED_MODEL_NAME, "v2").version == "v1"
+    ModelStore.open(tmp_path / "store", embedded_dir=embedded)  # idempotent
+    assert [v.version for v in store.list_versions(EMBEDDED_MODEL_NAME)] == ["v1", "v2"]
