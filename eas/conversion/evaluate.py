@@ -63,8 +63,10 @@ def easy_vqa_accuracy(loaded: LoadedModel, *, limit: int | None, cancel: threadi
         rows = easy_vqa_test()
         return exact_match(loaded, rows if limit is None else rows[:limit], cancel=cancel, split="test")
     report = evaluate(loaded, split="test", limit=limit)
-    return Accuracy(accuracy=float(report.accuracy), correct=int(report.correct), total=int(report.total),
-                    split="test", source="harness")
+    accuracy = float(report.accuracy)
+    total = int(getattr(report, "total", 0) or getattr(report, "count", 0) or (limit or 0))
+    correct = int(getattr(report, "correct", round(accuracy * total)))
+    return Accuracy(accuracy=accuracy, correct=correct, total=total, split="test", source="harness")
 
 
 @dataclass(frozen=True)
