@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 import time
@@ -34,6 +35,19 @@ log = logging.getLogger("eas.job")
 SERVER_FIELDS = frozenset({"store", "out", "show_progress_bar", "activate"})
 PROGRESS_INTERVAL_S = 0.5
 CANCEL_POLL_S = 0.5
+
+
+def yield_to_serving() -> tuple[int, int]:
+    """Lower this worker's priority and leave a core to the server, so a conversion slows serving as
+    little as possible: EAS_JOB_NICE (default 10) and EAS_JOB_THREADS (default: all cores but one).
+    Returns (niceness, torch threads)."""
+    import torch
+
+    nice = int(os.environ.get("EAS_JOB_NICE", "10"))
+    threads = int(os.environ.get("EAS_JOB_THREADS", "0")) or max(1, (os.cpu_count() or 2) - 1)
+    niceness = os.nice(nice) if nice > 0 else os.nice(0)
+    torch.set_num_threads(threads)
+    return niceness, threads
 
 
 def build_request(
@@ -105,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_id")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    niceness, threads = yield_to_serving()
+    log.info("job %s: niceness %d, %d torch threads", args.job_id, niceness, threads)
     status = run_job(args.store, args.job_id)
     return 0 if status in ("succeeded", "cancelled") else 1
 
