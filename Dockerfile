@@ -24,7 +24,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 eas
 COPY --from=build /opt/venv /opt/venv
+LABEL org.opencontainers.image.title="eas-serve" \
+      org.opencontainers.image.description="VLM serving with EAS attention skipping beside its baseline"
+# Unbuffered: log lines reach `docker logs` / `kubectl logs` as they happen, also on a crash.
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
     EAS_MODEL_STORE=/data/store
 RUN mkdir -p /data/store && chown -R eas /data
@@ -33,4 +37,7 @@ VOLUME ["/data/store"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8000/health/ready || exit 1
+# SIGTERM starts the drain (readiness 503, in-flight work finishes for up to EAS_SHUTDOWN_TIMEOUT_S): give
+# the container that long to stop (docker compose stop_grace_period, Kubernetes terminationGracePeriodSeconds).
+STOPSIGNAL SIGTERM
 CMD ["eas", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -26,6 +26,7 @@ from service.routes.admin import AdminState
 from service.runner.activation import Activator
 from service.runner.resolve import resolve_variants
 from service.settings import Settings
+from service.shadow import ShadowMirror
 
 log = logging.getLogger("service")
 
@@ -40,6 +41,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if admin is not None:
             await run_in_daemon_thread(admin.supervisor.shutdown, service.settings.shutdown_timeout_s)
+        if app.state.shadow is not None:
+            await app.state.shadow.close()  # mirrored requests are never worth waiting for at shutdown
         await service.close()  # drain: finish admitted work up to the shutdown timeout
 
 
@@ -57,7 +60,14 @@ async def start_admin(app: FastAPI) -> AdminState:
         if job.params.get("activate") and job.result and job.result.get("version"):
             asyncio.run_coroutine_threadsafe(activator.activate(job.model, job.result["version"]), loop)
 
-    supervisor = JobSupervisor(store, on_succeeded=on_succeeded)
+    metrics: Metrics = app.state.metrics
+
+    def on_finished(job: JobRecord) -> None:  # supervisor thread; exactly once per job and supervisor
+        metrics.observe_conversion_job(job.status, job.started_at, job.finished_at)
+
+    supervisor = JobSupervisor(store, on_succeeded=on_succeeded, on_finished=on_finished)
+    # Read at scrape time: always the supervisor's own count, with no bookkeeping to drift.
+    metrics.conversion_jobs_in_progress.set_function(lambda: len(supervisor.running_pids()))
     interrupted = await run_in_daemon_thread(supervisor.start)
     if interrupted:
         log.warning("marked %d interrupted conversion job(s) failed: %s", len(interrupted), ", ".join(interrupted))
@@ -78,6 +88,9 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = app_metrics = Metrics()
     app.state.service = Service(settings, app_metrics, loader=loader, resolver=resolver)
+    # Off by default; when on, service.inference hands every answered request to it (see service/shadow.py).
+    app.state.shadow = (ShadowMirror.from_settings(app.state.service, app_metrics, settings)
+                        if settings.shadow_fraction > 0 else None)
     app.state.api_auth = TokenVerifier(settings.api_token)
     app.state.admin_auth = TokenVerifier(settings.admin_token)
     install_error_handlers(app)

@@ -96,7 +96,11 @@ async def infer(
     preprocess_s = decode_s + generation.prepare_s
     metrics.queue_duration.labels(**labels).observe(completed.queue_s)
     metrics.preprocess_duration.labels(**labels).observe(preprocess_s)
-    metrics.inference_duration.labels(**labels).observe(generation.inference_s)
+    metrics.observe_generation(served.info.model, served.variant, generation.inference_s, generation.phases,
+                               generation.completion_tokens)
+    shadow = getattr(request.app.state, "shadow", None)
+    if shadow is not None:  # mirrors a sample to the baseline in the background; never waited for here
+        shadow.consider(served, item, generation)
     return Outcome(served=served, generation=generation, queue_s=completed.queue_s, preprocess_s=preprocess_s,
                    inference_s=generation.inference_s,
                    total_s=time.monotonic() - request.state.started_at)

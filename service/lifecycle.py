@@ -147,6 +147,7 @@ class Service:
         s, m = self.settings, self.metrics
         labels = {"model": info.model, "variant": info.variant}
         batch_size, depth = m.batch_size.labels(**labels), m.queue_depth.labels(**labels)
+        m.queue_capacity.labels(**labels).set(s.max_queue_size)
         batcher = Batcher(
             runner.run_batch,
             name=info.variant,
@@ -161,7 +162,8 @@ class Service:
 
     def _set_info_metric(self, served: ServedVariant, value: int) -> None:
         info, runner = served.info, served.runner
-        labels = (info.model, info.variant, info.version, info.kind, runner.dtype, runner.device)
+        labels = (info.model, info.variant, info.version, info.kind, runner.dtype, runner.device,
+                  ",".join(map(str, runner.skipped_layers)))
         if value:
             self.metrics.model_info.labels(*labels).set(value)
         else:

@@ -75,8 +75,9 @@ class RequestContextMiddleware:
         route_label = getattr(route, "path", None) or "unmatched"
         model = state.get("model", "")
         variant = state.get("variant", "")
-        self.metrics.requests.labels(route=route_label, model=model, variant=variant, code=str(status)).inc()
-        self.metrics.request_duration.labels(route=route_label, model=model, variant=variant).observe(elapsed)
+        labels = {"route": route_label, "model": model, "variant": variant, "code": str(status)}
+        self.metrics.requests.labels(**labels).inc()
+        self.metrics.request_duration.labels(**labels).observe(elapsed)
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

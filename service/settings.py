@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(None, description="Bearer token for inference routes and /metrics.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin routes (none: disabled).")
 
+    # --- shadow traffic (docs/observability.md) --------------------------------------------------------
+    shadow_fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Fraction of answered `eas` requests mirrored to `baseline` in the background (0: off).",
+    )
+    shadow_max_queue_depth: int = Field(
+        4, ge=0, description="Mirroring is suspended while the baseline queue holds this many requests.",
+    )
+
     # --- lifecycle ------------------------------------------------------------------------------------
     shutdown_timeout_s: float = Field(30.0, ge=0, description="Drain budget for queued/in-flight requests.")
 

@@ -21,6 +21,9 @@ class Generation:
     prepare_s: float  # processor time of the whole batch (each request waited for all of it)
     inference_s: float  # generation + decode time of the whole batch
     batch_size: int
+    # The batch's model phases in seconds ("vision_encoder", "prefill", "decode"; those measured), shared
+    # by its rows: see service/runner/phases.py for what each covers.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

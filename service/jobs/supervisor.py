@@ -5,6 +5,9 @@ out-of-memory kill or a segfault in it never reaches the server. The supervisor 
 (one at a time by default: a conversion already uses every core), reaps finished workers, and turns a
 worker that died without recording a terminal status into a failed job that says how it died. A cancel
 is cooperative (the worker polls its row); a worker that ignores it past a grace period is killed.
+
+`on_finished` (metrics) hears of every job this supervisor sees reach a terminal status — reaped, killed
+after a cancel, cancelled while queued, failed at start-up or at shutdown — exactly once per job.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class JobSupervisor:
         store: ModelStore,
         *,
         on_succeeded: Callable[[JobRecord], None] | None = None,
+        on_finished: Callable[[JobRecord], None] | None = None,
         max_concurrent: int = 1,
         poll_s: float = 0.2,
         cancel_grace_s: float = 15.0,
@@ -58,6 +62,8 @@ class JobSupervisor:
     ) -> None:
         self.store = store
         self.on_succeeded = on_succeeded
+        self.on_finished = on_finished
+        self._reported: set[str] = set()  # job ids already passed to on_finished
         self.max_concurrent = max_concurrent
         self.poll_s = poll_s
         self.cancel_grace_s = cancel_grace_s
@@ -73,6 +79,8 @@ class JobSupervisor:
     def start(self) -> list[str]:
         """Fail the jobs a previous server left unfinished, then start supervising; returns those ids."""
         interrupted = self.store.fail_interrupted_jobs("interrupted: the server restarted while the job ran")
+        for job_id in interrupted:
+            self._report_finished(self.store.get_job(job_id))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(target=self._loop, name="job-supervisor", daemon=True)
         self._thread.start()
@@ -96,7 +104,9 @@ class JobSupervisor:
             except subprocess.TimeoutExpired:
                 _signal_group(worker.process, signal.SIGKILL)
                 worker.process.wait()
-            self._fail_if_unfinished(worker.job_id, "shutdown: the server stopped while the job ran")
+            job = self._fail_if_unfinished(worker.job_id, "shutdown: the server stopped while the job ran")
+            if job is not None:
+                self._report_finished(job)
 
     # -- API used by the routes --------------------------------------------------------------------------
     def submit(self) -> None:
@@ -104,7 +114,10 @@ class JobSupervisor:
         self._wake.set()
 
     def cancel(self, job_id: str) -> JobRecord:
+        was_queued = self.store.get_job(job_id).status == "queued"
         job = self.store.request_cancel(job_id)
+        if was_queued and job.finished:  # cancelled before any worker ran it: nobody else will report it
+            self._report_finished(job)
         self._wake.set()
         return job
 
@@ -163,6 +176,8 @@ class JobSupervisor:
                 self._workers.pop(worker.job_id, None)
             job = self._fail_if_unfinished(worker.job_id, describe_exit(returncode))
             log.info("job %s worker exited (%s): %s", worker.job_id, returncode, job.status if job else "?")
+            if job is not None:
+                self._report_finished(job)
             if job is not None and job.status == "succeeded" and self.on_succeeded is not None:
                 try:
                     self.on_succeeded(job)
@@ -184,6 +199,19 @@ class JobSupervisor:
                 self._workers.pop(worker.job_id, None)
             if not self.store.get_job(job.id).finished:
                 self.store.update_job(job.id, status="cancelled", error="cancelled: the worker was stopped")
+            self._report_finished(self.store.get_job(job.id))
+
+    def _report_finished(self, job: JobRecord) -> None:
+        if self.on_finished is None or not job.finished:
+            return
+        with self._lock:
+            if job.id in self._reported:
+                return
+            self._reported.add(job.id)
+        try:
+            self.on_finished(job)
+        except Exception:  # an observer must never stop supervision
+            log.exception("finish hook of job %s failed", job.id)
 
     def _fail_if_unfinished(self, job_id: str, reason: str) -> JobRecord | None:
         try:

@@ -3,7 +3,8 @@
 All model specifics — prompts, left padding, EAS skipped layers and KV layout — stay behind
 `LoadedModel.prepare / generate_ids / decode`; this class only adds per-request bookkeeping: each
 request's own `max_new_tokens` (the batch generates to the largest and each row is cut to its own;
-greedy decoding makes the cut prefix identical to a shorter run), token counts and timings.
+greedy decoding makes the cut prefix identical to a shorter run), token counts and timings — including
+the vision encoder / prefill / decode split, measured by forward hooks (service/runner/phases.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from eas.model.loading import LoadedModel
 from service.batching.work import Generation, WorkItem
+from service.runner.phases import PhaseTimer
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class ModelRunner:
         self.model = model
         self.info = info
         self._eos_ids = _eos_ids(model)
+        self._phases = PhaseTimer(model.model, model.device)
 
     @property
     def device(self) -> str:
@@ -45,6 +48,16 @@ class ModelRunner:
     def dtype(self) -> str:
         return str(self.model.dtype).removeprefix("torch.")
 
+    @property
+    def skipped_layers(self) -> tuple[int, ...]:
+        """Decoder layers whose attention the EAS plan skips (empty for an unskipped model)."""
+        plan = self.model.plan
+        layers = getattr(plan, "skipped", None) if plan is not None else None
+        try:
+            return tuple(sorted(int(i) for i in layers)) if layers is not None else ()
+        except (TypeError, ValueError):  # the plan belongs to the EAS core: never fail serving on its shape
+            return ()
+
     def run_batch(self, items: list[WorkItem]) -> list[Generation]:
         return self.generate([i.image for i in items], [i.question for i in items],
                              [i.max_new_tokens for i in items])
@@ -53,9 +66,11 @@ class ModelRunner:
         t0 = time.perf_counter()
         batch = self.model.prepare(images, questions)
         t1 = time.perf_counter()
-        ids = self.model.generate_ids(batch, max(max_new_tokens))
+        with self._phases.measure() as marks:
+            ids = self.model.generate_ids(batch, max(max_new_tokens))
         texts = self._decode(ids, max_new_tokens)  # copies ids to the host: the GPU work is done here
         t2 = time.perf_counter()
+        phases = marks.seconds()  # after the host copy, so reading CUDA events never waits
         prompt_tokens = batch["attention_mask"].sum(dim=1).tolist() if "attention_mask" in batch else (
             [int(batch["input_ids"].shape[1])] * len(images))
         rows = ids.tolist()
@@ -71,6 +86,7 @@ class ModelRunner:
                 prepare_s=t1 - t0,
                 inference_s=t2 - t1,
                 batch_size=len(images),
+                phases=phases,
             ))
         return out
 
