@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from eas.model.manifest import verify_manifest
+from eas.model.plan import SkipPlan
 from eas.model.prompting import build_prompt
 
 
@@ -29,7 +30,7 @@ class LoadedModel:
     processor: ProcessorMixin
     name: str = "model"
     path: Path | None = None
-    plan: object | None = None  # eas.model.plan.SkipPlan for converted models
+    plan: SkipPlan | None = None  # set for EAS-converted models
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
 

@@ -37,7 +37,7 @@ async def info(service: ServiceDep) -> JSONResponse:
     variants: list[dict[str, Any]] = [{
         "variant": v.variant, "model": v.info.model, "version": v.info.version, "kind": v.info.kind,
         "parent": v.info.parent, "device": v.runner.device, "dtype": v.runner.dtype,
-        "skipped_layers": _skipped_layers(v.runner.model.plan),
+        "skipped_layers": list(v.runner.skipped_layers),
     } for v in service.registry.all()]
     return JSONResponse({
         "phase": service.phase.value,
@@ -52,11 +52,3 @@ async def info(service: ServiceDep) -> JSONResponse:
                    "default_max_new_tokens": s.default_max_new_tokens, "url_fetch": False},
     })
 
-
-def _skipped_layers(plan: object | None) -> list[int] | None:
-    # The plan object belongs to the EAS core; read it defensively so /info never fails on its shape.
-    layers = getattr(plan, "skipped_layers", None) if plan is not None else None
-    try:
-        return sorted(int(x) for x in layers) if layers is not None else None
-    except (TypeError, ValueError):
-        return None

@@ -132,11 +132,10 @@ async def test_exposition_has_the_comparison_metrics(model_dirs: ModelDirs) -> N
 
 
 def test_model_info_names_the_skipped_layers() -> None:
-    class Plan:
-        skipped = (5, 1, 3)
+    from eas.model.plan import SkipPlan
 
     class Loaded:
-        plan = Plan()
+        plan = SkipPlan(skipped=(5, 1, 3), num_layers=8)
         model = torch.nn.Linear(1, 1)
         device = torch.device("cpu")
         dtype = torch.float32

@@ -115,6 +115,8 @@ async def test_conversion_job_end_to_end_then_hot_activation_without_failures(st
         assert len(statuses) > 8 and set(statuses) == {200}
         answer = await client.post("/v1/answer", **multipart(image_bytes(), "what color?"))
         assert answer.json()["variant"] == "eas" and answer.json()["version"] == "v2"
+        served = {v["variant"]: v for v in (await client.get("/info")).json()["variants"]}
+        assert served["eas"]["skipped_layers"] == [1, 3] and served["baseline"]["skipped_layers"] == []
     assert ModelStore(store_root).active("tiny").version == "v2"
 
 
