@@ -65,7 +65,8 @@ async def start_admin(app: FastAPI) -> AdminState:
     def on_finished(job: JobRecord) -> None:  # supervisor thread; exactly once per job and supervisor
         metrics.observe_conversion_job(job.status, job.started_at, job.finished_at)
 
-    supervisor = JobSupervisor(store, on_succeeded=on_succeeded, on_finished=on_finished)
+    supervisor = JobSupervisor(store, on_succeeded=on_succeeded, on_finished=on_finished,
+                               on_workers_changed=service.threads.set_running_jobs)
     # Read at scrape time: always the supervisor's own count, with no bookkeeping to drift.
     metrics.conversion_jobs_in_progress.set_function(lambda: len(supervisor.running_pids()))
     interrupted = await run_in_daemon_thread(supervisor.start)

@@ -27,6 +27,7 @@ from service.metrics import Metrics
 from service.runner.registry import RunnerRegistry, ServedVariant
 from service.runner.resolve import resolve_variants
 from service.runner.runner import ModelRunner, VariantInfo
+from service.runner.threads import ThreadBudget
 from service.settings import Settings
 from service.validation.images import ImageLimits
 
@@ -84,6 +85,7 @@ class Service:
         self.settings = settings
         self.metrics = metrics
         self.registry = RunnerRegistry()
+        self.threads = ThreadBudget()  # lowered while conversion workers run (service/runner/threads.py)
         self.image_limits = ImageLimits.from_formats(settings.allowed_image_formats, settings.max_image_pixels,
                                                      settings.max_image_side)
         self.phase = Phase.LOADING
@@ -139,7 +141,7 @@ class Service:
     def _build(self, info: VariantInfo) -> ServedVariant:
         """Load, warm up and wrap one variant (runs in a thread)."""
         t0 = time.perf_counter()
-        runner = ModelRunner(self._loader(info, self.settings), info)
+        runner = ModelRunner(self._loader(info, self.settings), info, self.threads)
         t1 = time.perf_counter()
         runner.warm_up(self.settings.default_max_new_tokens)
         log.info("variant %s: %s loaded from %s on %s/%s in %.2fs, warmed up in %.2fs", info.variant,

@@ -38,14 +38,18 @@ CANCEL_POLL_S = 0.5
 
 
 def yield_to_serving() -> tuple[int, int]:
-    """Lower this worker's priority and leave a core to the server, so a conversion slows serving as
-    little as possible: EAS_JOB_NICE (default 10) and EAS_JOB_THREADS (default: all cores but one).
-    Returns (niceness, torch threads)."""
+    """Lower this worker's priority and keep it on its own cores, so a conversion slows serving as
+    little as possible: EAS_JOB_NICE (default 10), EAS_JOB_THREADS (default: all cores but one; the server
+    shrinks its own threads by as many while the job runs, service/runner/threads.py) and EAS_JOB_PIN
+    (default 1: pin to the last cores). Returns (niceness, torch threads)."""
     import torch
 
     nice = int(os.environ.get("EAS_JOB_NICE", "10"))
-    threads = int(os.environ.get("EAS_JOB_THREADS", "0")) or max(1, (os.cpu_count() or 2) - 1)
+    threads = int(os.environ.get("EAS_JOB_THREADS", "0")) or max(1, len(os.sched_getaffinity(0)) - 1)
     niceness = os.nice(nice) if nice > 0 else os.nice(0)
+    cpus = sorted(os.sched_getaffinity(0))
+    if os.environ.get("EAS_JOB_PIN", "1") == "1" and threads < len(cpus):
+        os.sched_setaffinity(0, cpus[-threads:])  # keep the job off the cores the server's threads wake on first
     torch.set_num_threads(threads)
     return niceness, threads
 

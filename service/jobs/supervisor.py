@@ -55,6 +55,7 @@ class JobSupervisor:
         *,
         on_succeeded: Callable[[JobRecord], None] | None = None,
         on_finished: Callable[[JobRecord], None] | None = None,
+        on_workers_changed: Callable[[int], None] | None = None,
         max_concurrent: int = 1,
         poll_s: float = 0.2,
         cancel_grace_s: float = 15.0,
@@ -63,6 +64,7 @@ class JobSupervisor:
         self.store = store
         self.on_succeeded = on_succeeded
         self.on_finished = on_finished
+        self.on_workers_changed = on_workers_changed  # the server lowers its CPU threads while jobs run
         self._reported: set[str] = set()  # job ids already passed to on_finished
         self.max_concurrent = max_concurrent
         self.poll_s = poll_s
@@ -95,6 +97,7 @@ class JobSupervisor:
         with self._lock:
             workers = list(self._workers.values())
             self._workers.clear()
+        self._workers_changed()
         for worker in workers:
             _signal_group(worker.process, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -162,7 +165,14 @@ class JobSupervisor:
             return
         with self._lock:
             self._workers[job.id] = _Worker(job.id, process, log_path)
+        self._workers_changed()
         log.info("job %s started in worker pid %d", job.id, process.pid)
+
+    def _workers_changed(self) -> None:
+        if self.on_workers_changed is not None:
+            with self._lock:
+                running = len(self._workers)
+            self.on_workers_changed(running)
 
     def _reap(self) -> None:
         with self._lock:
@@ -174,6 +184,7 @@ class JobSupervisor:
                 continue
             with self._lock:
                 self._workers.pop(worker.job_id, None)
+            self._workers_changed()
             job = self._fail_if_unfinished(worker.job_id, describe_exit(returncode))
             log.info("job %s worker exited (%s): %s", worker.job_id, returncode, job.status if job else "?")
             if job is not None:
@@ -197,6 +208,7 @@ class JobSupervisor:
             worker.process.wait()
             with self._lock:
                 self._workers.pop(worker.job_id, None)
+            self._workers_changed()
             if not self.store.get_job(job.id).finished:
                 self.store.update_job(job.id, status="cancelled", error="cancelled: the worker was stopped")
             self._report_finished(self.store.get_job(job.id))

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from eas.model.loading import LoadedModel
 from service.batching.work import Generation, WorkItem
 from service.runner.phases import PhaseTimer
+from service.runner.threads import ThreadBudget
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,10 @@ class VariantInfo:
 
 
 class ModelRunner:
-    def __init__(self, model: LoadedModel, info: VariantInfo) -> None:
+    def __init__(self, model: LoadedModel, info: VariantInfo, threads: ThreadBudget | None = None) -> None:
         self.model = model
         self.info = info
+        self.threads = threads or ThreadBudget()
         self._eos_ids = _eos_ids(model)
         self._phases = PhaseTimer(model.model, model.device)
 
@@ -55,6 +57,7 @@ class ModelRunner:
         return plan.skipped if plan is not None else ()
 
     def run_batch(self, items: list[WorkItem]) -> list[Generation]:
+        self.threads.apply()  # runs in this variant's inference thread, where OpenMP reads it
         return self.generate([i.image for i in items], [i.question for i in items],
                              [i.max_new_tokens for i in items])
 

@@ -66,7 +66,9 @@ def _training(store: ModelStore, job_id: str) -> Callable[[], JobRecord | None]:
 
 def test_job_runs_in_a_worker_process_and_adds_a_version(store: ModelStore, dataset: str) -> None:
     succeeded: list[str] = []
-    supervisor = JobSupervisor(store, on_succeeded=lambda job: succeeded.append(job.id))
+    workers: list[int] = []
+    supervisor = JobSupervisor(store, on_succeeded=lambda job: succeeded.append(job.id),
+                               on_workers_changed=workers.append)
     supervisor.start()
     try:
         job = store.create_job("tiny", "v1", {**FAST, "dataset": dataset})
@@ -78,6 +80,7 @@ def test_job_runs_in_a_worker_process_and_adds_a_version(store: ModelStore, data
         assert [v.version for v in store.list_versions("tiny")] == ["v1", "v2"]
         assert store.active("tiny").version == "v1"  # activate was not asked for
         wait_for(lambda: succeeded == [job.id], 5)
+        assert workers == [1, 0]  # the server is told when a worker takes cores and gives them back
     finally:
         supervisor.shutdown()
 
@@ -149,3 +152,24 @@ def test_bad_parameters_fail_the_job_with_the_reason(store: ModelStore, tmp_path
         supervisor.shutdown()
     assert failed.status == "failed"
     assert "line 1" in failed.error and "line 2" in failed.error
+
+
+def test_thread_budget_leaves_the_job_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from service.runner.threads import ThreadBudget
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    monkeypatch.setenv("EAS_JOB_THREADS", "3")
+    budget = ThreadBudget()
+    budget.full = 4
+    assert budget.threads == 4
+    budget.set_running_jobs(1)
+    assert budget.threads == 1
+    before = torch.get_num_threads()
+    try:
+        assert budget.apply() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    budget.set_running_jobs(0)
+    assert budget.threads == 4

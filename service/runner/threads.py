@@ -1,0 +1,47 @@
+"""How many CPU threads inference may use right now.
+
+A conversion worker takes cores away from the server. torch's intra-op (OpenMP) regions then wait at
+every barrier for a thread whose core is busy: measured on 2 cores with a tiny model, batch-1 p50 went from
+22 ms to 400–500 ms while a conversion trained. Lowering the server's threads to the cores left free
+while a job runs removes that (p50 22 ms → 22 ms; docs/admin.md). OpenMP thread counts belong to the
+calling thread, so each inference thread applies the budget itself before a batch (`apply`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+
+def job_threads() -> int:
+    """Threads a conversion worker uses (EAS_JOB_THREADS; default all cores but one). The worker reads
+    the same variable (eas/conversion/job.py), so both sides agree."""
+    cores = len(os.sched_getaffinity(0))
+    return int(os.environ.get("EAS_JOB_THREADS", "0")) or max(1, cores - 1)
+
+
+class ThreadBudget:
+    def __init__(self) -> None:
+        self.full = torch.get_num_threads()
+        self._workers = 0
+        self._lock = threading.Lock()
+
+    def set_running_jobs(self, running: int) -> None:
+        with self._lock:
+            self._workers = running
+
+    @property
+    def threads(self) -> int:
+        if self._workers == 0:
+            return self.full
+        cores = len(os.sched_getaffinity(0))
+        return max(1, min(self.full, cores - job_threads() * self._workers))
+
+    def apply(self) -> int:
+        """Set this thread's torch thread count to the budget (cheap when unchanged); returns it."""
+        wanted = self.threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+        return wanted
