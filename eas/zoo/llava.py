@@ -45,6 +45,9 @@ class LlavaGeometry:
     text_kv_heads: int = 2
     vocab_size: int = 512
     max_position_embeddings: int = 2048
+    # Which vision layer feeds the projector: -2 (LLaVA's default) leaves the last vision layer unused,
+    # which a model trained from scratch would pay for in compute for nothing.
+    vision_feature_layer: int = -2
 
 
 TINY = LlavaGeometry()
@@ -88,7 +91,7 @@ def build_llava_config(geometry: LlavaGeometry) -> LlavaConfig:
         text_config=text,
         image_token_id=IMAGE_TOKEN_ID,
         vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_layer=geometry.vision_feature_layer,
         pad_token_id=PAD_ID,
     )
 
