@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from eas.conversion.cli import convert_command
+from eas.demo.cli import train_default_command
+from eas.evaluation.cli import eval_command
 from service.cli import serve
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="eas-serve: EAS attention skipping for VLMs")
@@ -17,3 +19,5 @@ def main() -> None:
 
 app.command("serve")(serve)
 app.command("convert")(convert_command)
+app.command("eval")(eval_command)
+app.command("train-default")(train_default_command)

@@ -1,0 +1,1 @@
+"""The embedded default model: a LLaVA trained from scratch on easy-vqa, offline, on a CPU."""
