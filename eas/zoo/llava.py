@@ -57,6 +57,12 @@ DEMO = LlavaGeometry(image_size=64, patch_size=8, vision_hidden=96, vision_inter
                      vision_heads=4, text_hidden=128, text_intermediate=512, text_layers=4, text_heads=4,
                      text_kv_heads=2, vocab_size=512, vision_feature_layer=-1)
 
+# Latency work only (random weights, never trained): LLaVA-like shape at small scale, 336-px images in
+# 14-px patches = 576 image tokens, a 12-layer 1024-wide decoder.
+BENCH = LlavaGeometry(image_size=336, patch_size=14, vision_hidden=256, vision_intermediate=1024, vision_layers=2,
+                      vision_heads=4, text_hidden=1024, text_intermediate=2816, text_layers=12, text_heads=16,
+                      text_kv_heads=16, vocab_size=512, vision_feature_layer=-1)
+
 
 def default_corpus() -> list[str]:
     """Words a tiny test tokenizer should know: shapes, colours, question templates."""
