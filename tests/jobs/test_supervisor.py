@@ -13,37 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from eas.zoo.llava import build_llava
 from model_store import JobRecord, ModelStore
 from service.jobs.supervisor import JobSupervisor
-from tests.conversion.conftest import write_shapes_dataset
 
 FAST = dict(
     criterion="uniform", skip_count=2, steps=4, batch_size=4, val_size=8, calibration_samples=4,
     evaluate_accuracy=False, latency_runs=1, latency_prompts=1, latency_new_tokens=2, device="cpu",
 )
 SLOW = {**FAST, "steps": 100_000}  # trains long enough to be interrupted
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny")
-    model, processor = build_llava(seed=0)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(write_shapes_dataset(tmp_path_factory.mktemp("data")))
-
-
-@pytest.fixture
-def store(tmp_path: Path, model_dir: Path) -> ModelStore:
-    s = ModelStore(tmp_path / "store")
-    s.import_directory("tiny", model_dir, kind="baseline", activate=True)
-    return s
 
 
 def wait_for(predicate: Callable[[], JobRecord | bool | None], timeout_s: float = 90.0) -> JobRecord | bool:
@@ -64,90 +41,92 @@ def _training(store: ModelStore, job_id: str) -> Callable[[], JobRecord | None]:
     return lambda: (job if (job := store.get_job(job_id)).stage.startswith("train") else None)
 
 
-def test_job_runs_in_a_worker_process_and_adds_a_version(store: ModelStore, dataset: str) -> None:
+def test_job_runs_in_a_worker_process_and_adds_a_version(tiny_store: ModelStore, shapes_jsonl: Path) -> None:
     succeeded: list[str] = []
     workers: list[int] = []
-    supervisor = JobSupervisor(store, on_succeeded=lambda job: succeeded.append(job.id),
+    supervisor = JobSupervisor(tiny_store, on_succeeded=lambda job: succeeded.append(job.id),
                                on_workers_changed=workers.append)
     supervisor.start()
     try:
-        job = store.create_job("tiny", "v1", {**FAST, "dataset": dataset})
+        job = tiny_store.create_job("tiny", "v1", {**FAST, "dataset": str(shapes_jsonl)})
         supervisor.submit()
-        done = wait_for(_finished(store, job.id))
+        done = wait_for(_finished(tiny_store, job.id))
         assert done.status == "succeeded", done.error
         assert done.worker_pid not in (None, os.getpid())
         assert done.result["version"] == "v2" and list(done.result["plan"]["skipped"]) == [1, 3]
-        assert [v.version for v in store.list_versions("tiny")] == ["v1", "v2"]
-        assert store.active("tiny").version == "v1"  # activate was not asked for
+        assert [v.version for v in tiny_store.list_versions("tiny")] == ["v1", "v2"]
+        assert tiny_store.active("tiny").version == "v1"  # activate was not asked for
         wait_for(lambda: succeeded == [job.id], 5)
         assert workers == [1, 0]  # the server is told when a worker takes cores and gives them back
     finally:
         supervisor.shutdown()
 
 
-def test_worker_killed_mid_job_fails_the_job_and_leaves_the_store_consistent(store: ModelStore, dataset: str) -> None:
-    supervisor = JobSupervisor(store)
+def test_worker_killed_mid_job_fails_the_job_and_leaves_the_store_consistent(
+    tiny_store: ModelStore, shapes_jsonl: Path
+) -> None:
+    supervisor = JobSupervisor(tiny_store)
     supervisor.start()
     try:
-        job = store.create_job("tiny", "v1", {**SLOW, "dataset": dataset})
+        job = tiny_store.create_job("tiny", "v1", {**SLOW, "dataset": str(shapes_jsonl)})
         supervisor.submit()
-        running = wait_for(_training(store, job.id))
+        running = wait_for(_training(tiny_store, job.id))
         os.kill(running.worker_pid, signal.SIGKILL)
-        failed = wait_for(_finished(store, job.id))
+        failed = wait_for(_finished(tiny_store, job.id))
     finally:
         supervisor.shutdown()
     assert failed.status == "failed" and "SIGKILL" in failed.error
-    reopened = ModelStore(store.root)
+    reopened = ModelStore(tiny_store.root)
     assert [v.version for v in reopened.list_versions("tiny")] == ["v1"]
     assert reopened.active("tiny").version == "v1"
     assert reopened.recover() == {"staging": [], "orphans": []}
     reopened.verify("tiny", "v1")
 
 
-def test_restart_fails_jobs_the_dead_server_left_running(store: ModelStore, dataset: str) -> None:
-    first = JobSupervisor(store)
+def test_restart_fails_jobs_the_dead_server_left_running(tiny_store: ModelStore, shapes_jsonl: Path) -> None:
+    first = JobSupervisor(tiny_store)
     first.start()
-    job = store.create_job("tiny", "v1", {**SLOW, "dataset": dataset})
+    job = tiny_store.create_job("tiny", "v1", {**SLOW, "dataset": str(shapes_jsonl)})
     first.submit()
-    running = wait_for(_training(store, job.id))
+    running = wait_for(_training(tiny_store, job.id))
     # The server dies hard: its supervisor thread never reaps, the worker is killed with it.
     first._stop.set()
     os.killpg(running.worker_pid, signal.SIGKILL)
-    second = JobSupervisor(ModelStore(store.root))
+    second = JobSupervisor(ModelStore(tiny_store.root))
     assert second.start() == [job.id]
     try:
-        failed = store.get_job(job.id)
+        failed = tiny_store.get_job(job.id)
         assert failed.status == "failed" and "restarted" in failed.error
-        assert [v.version for v in store.list_versions("tiny")] == ["v1"]
+        assert [v.version for v in tiny_store.list_versions("tiny")] == ["v1"]
     finally:
         second.shutdown()
 
 
-def test_cancel_stops_the_worker_and_writes_nothing(store: ModelStore, dataset: str) -> None:
-    supervisor = JobSupervisor(store)
+def test_cancel_stops_the_worker_and_writes_nothing(tiny_store: ModelStore, shapes_jsonl: Path) -> None:
+    supervisor = JobSupervisor(tiny_store)
     supervisor.start()
     try:
-        job = store.create_job("tiny", "v1", {**SLOW, "dataset": dataset})
+        job = tiny_store.create_job("tiny", "v1", {**SLOW, "dataset": str(shapes_jsonl)})
         supervisor.submit()
-        wait_for(_training(store, job.id))
+        wait_for(_training(tiny_store, job.id))
         supervisor.cancel(job.id)
-        cancelled = wait_for(_finished(store, job.id), 30)
+        cancelled = wait_for(_finished(tiny_store, job.id), 30)
     finally:
         supervisor.shutdown()
     assert cancelled.status == "cancelled"
-    assert [v.version for v in store.list_versions("tiny")] == ["v1"]
-    assert store.recover() == {"staging": [], "orphans": []}
+    assert [v.version for v in tiny_store.list_versions("tiny")] == ["v1"]
+    assert tiny_store.recover() == {"staging": [], "orphans": []}
 
 
-def test_bad_parameters_fail_the_job_with_the_reason(store: ModelStore, tmp_path: Path) -> None:
-    supervisor = JobSupervisor(store)
+def test_bad_parameters_fail_the_job_with_the_reason(tiny_store: ModelStore, tmp_path: Path) -> None:
+    supervisor = JobSupervisor(tiny_store)
     supervisor.start()
     try:
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"image": "missing.png", "question": "q?", "answer": "a"}\nnot json\n')
-        job = store.create_job("tiny", "v1", {**FAST, "dataset": str(bad)})
+        job = tiny_store.create_job("tiny", "v1", {**FAST, "dataset": str(bad)})
         supervisor.submit()
-        failed = wait_for(_finished(store, job.id))
+        failed = wait_for(_finished(tiny_store, job.id))
     finally:
         supervisor.shutdown()
     assert failed.status == "failed"

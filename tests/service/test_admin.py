@@ -15,7 +15,6 @@ import pytest
 
 from model_store import ModelStore
 from service.settings import Settings
-from tests.conversion.conftest import write_shapes_dataset
 from tests.service.conftest import ModelDirs, image_bytes, multipart, running_app
 
 pytestmark = pytest.mark.anyio
@@ -36,16 +35,14 @@ ROUTES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(write_shapes_dataset(tmp_path_factory.mktemp("shapes")))
+@pytest.fixture
+def store_root(tiny_store: ModelStore) -> Path:
+    return tiny_store.root
 
 
 @pytest.fixture
-def store_root(tmp_path: Path, model_dirs: ModelDirs) -> Path:
-    store = ModelStore(tmp_path / "store")
-    store.import_directory("tiny", model_dirs.baseline, kind="baseline", activate=True)
-    return store.root
+def dataset(shapes_jsonl: Path) -> str:
+    return str(shapes_jsonl)
 
 
 def store_settings(root: Path, **overrides: Any) -> Settings:

@@ -1,0 +1,37 @@
+"""Fixtures shared across test folders: a saved tiny LLaVA, a small shapes dataset, a store holding it.
+
+(tests/conversion/conftest.py defines the same names for its own tests; these serve the jobs and admin tests.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eas.zoo.llava import build_llava
+from model_store import ModelStore
+from tests.conversion.conftest import write_shapes_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny LLaVA (seeded; identical in every run)."""
+    directory = tmp_path_factory.mktemp("tiny-llava")
+    model, processor = build_llava(seed=0)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def shapes_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture
+def tiny_store(tmp_path: Path, tiny_model_dir: Path) -> ModelStore:
+    """A fresh store whose model "tiny" has one active baseline version, v1."""
+    store = ModelStore(tmp_path / "store")
+    store.import_directory("tiny", tiny_model_dir, kind="baseline", activate=True)
+    return store
