@@ -56,6 +56,8 @@ def convert_command(
     out: Annotated[Path | None, typer.Option(help="write a plain directory here instead of a store version")]
     = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's; 1 is often faster on "
+                                                     "a CPU shared with other work)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the full result as JSON")] = False,
 ) -> None:
     """Convert a stored model: choose the attention layers to skip, train the adapters, fold, evaluate, store."""
@@ -69,7 +71,7 @@ def convert_command(
             skip_count=skip_count, skip_fraction=skip_fraction, target_speedup=target_speedup,
             steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, eval_limit=eval_limit,
             evaluate_accuracy=not no_accuracy, include_layer0=include_layer0, activate=activate, out=out,
-            device=device, search=search,
+            device=device, threads=threads, search=search,
         )
     except ValidationError as exc:
         _fail(_validation_message(exc), 2)
@@ -104,8 +106,8 @@ def convert_command(
                    "questions)")
     typer.echo(f"  latency        {s['source_latency_s'] * 1e3:.1f} -> {s['converted_latency_s'] * 1e3:.1f} ms "
                f"(speedup {s['measured_speedup']:.2f}x measured, {s['predicted_speedup']:.2f}x predicted)")
-    typer.echo(f"  training       {s['train_steps']} steps; val loss {s['val_loss_before']:.4f} -> "
-               f"{s['val_loss_after']:.4f}")
+    typer.echo(f"  training       {s['train_steps']} steps; held-out loss {s['val_loss_before']:.4f} (untrained "
+               f"adapters) -> {s['val_loss_after']:.4f} (source model {s['source_val_loss']:.4f})")
     typer.echo(f"  fold check     relative logit difference {s['fold_relative_diff']:.1e}")
     if result.skipped_rows:
         typer.echo(f"  skipped rows   {len(result.skipped_rows)}:")

@@ -44,7 +44,7 @@ from eas.conversion.data import EASY_VQA, ConversionData, load_dataset, load_ima
 from eas.conversion.errors import Cancelled, ConversionFailed, check_cancel
 from eas.conversion.evaluate import Accuracy, Latency, easy_vqa_accuracy, exact_match, interleaved_latency
 from eas.conversion.export import FoldCheck, fold_and_save, publish_to_directory, publish_to_store
-from eas.conversion.training import TrainingConfig, TrainingReport, train_plan
+from eas.conversion.training import TrainingConfig, TrainingReport, mean_loss, train_plan
 from eas.model.adapters import AdapterConfig
 from eas.model.arch import locate_decoder
 from eas.model.loading import LoadedModel, resolve_device
@@ -92,6 +92,7 @@ class ConversionRequest(BaseModel):
     activate: bool = False
     out: Path | None = Field(None, description="write a plain directory here instead of a store version")
     device: str = "auto"
+    threads: int | None = Field(None, gt=0, description="torch CPU threads for this call; None = leave as is")
     show_progress_bar: bool = True
 
     @model_validator(mode="after")
@@ -132,6 +133,7 @@ class ConversionResult:
     budget: BudgetDecision
     cost_model: CostModel
     training: TrainingReport
+    source_val_loss: float
     fold_check: FoldCheck
     source_accuracy: Accuracy | None
     converted_accuracy: Accuracy | None
@@ -162,7 +164,8 @@ class ConversionResult:
             "accuracy_split": None if self.converted_accuracy is None else self.converted_accuracy.split,
             "accuracy_questions": None if self.converted_accuracy is None else self.converted_accuracy.total,
             "train_steps": self.training.config.steps, "final_train_loss": self.training.curve.loss[-1],
-            "val_loss_before": self.training.val_loss_before, "val_loss_after": self.training.val_loss_after,
+            "source_val_loss": self.source_val_loss, "val_loss_before": self.training.val_loss_before,
+            "val_loss_after": self.training.val_loss_after,
             "fold_relative_diff": self.fold_check.relative_diff,
             "skipped_rows": len(self.skipped_rows),
             "stage_seconds": {k: round(v, 2) for k, v in self.stage_seconds.items()},
@@ -177,6 +180,7 @@ class ConversionResult:
             "budget": self.budget.to_dict(),
             "cost_model": self.cost_model.to_dict(),
             "training": self.training.to_dict(),
+            "source_val_loss": self.source_val_loss,
             "fold_check": self.fold_check.to_dict(),
             "source_accuracy": None if self.source_accuracy is None else self.source_accuracy.to_dict(),
             "converted_accuracy": None if self.converted_accuracy is None else self.converted_accuracy.to_dict(),
@@ -225,6 +229,20 @@ def convert(request: ConversionRequest, progress: Callable[[ProgressEvent], None
             cancel: threading.Event | None = None) -> ConversionResult:
     """Run a whole conversion (see the module docstring). Raises DatasetError, ConversionFailed,
     Cancelled or the store's errors (NotFound, ...); in every such case nothing was written."""
+    if request.threads is None:
+        return _convert(request, progress, cancel)
+    # On a shared CPU, fewer threads than cores can be many times faster: OpenMP workers that wait for a
+    # busy core stall every small matmul (docs/conversion.md). Restored afterwards.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.threads)
+    try:
+        return _convert(request, progress, cancel)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _convert(request: ConversionRequest, progress: Callable[[ProgressEvent], None] | None,
+             cancel: threading.Event | None) -> ConversionResult:
     started = time.perf_counter()
     report = _Progress(progress, request.criterion)
     seconds: dict[str, float] = {}
@@ -257,6 +275,8 @@ def convert(request: ConversionRequest, progress: Callable[[ProgressEvent], None
     processor = source.processor
     num_layers = locate_decoder(work).num_layers
     candidates = candidate_layers(num_layers, request.include_layer0)
+    report("load", 0.5, "validation loss of the source model")
+    source_val_loss = mean_loss(work, processor, data.validation, cancel=cancel)
     report("load", 0.7, "measuring the per-layer cost model")
     cost = measure_cost(work, processor, data.validation[0], new_tokens=request.latency_new_tokens)
     try:
@@ -322,7 +342,8 @@ def convert(request: ConversionRequest, progress: Callable[[ProgressEvent], None
         check_cancel(cancel, "export")
         result = ConversionResult(
             model=request.model, source_version=source_info.version, version=None, path="", plan=plan,
-            budget=decision, cost_model=cost, training=training, fold_check=fold_check,
+            budget=decision, cost_model=cost, training=training, source_val_loss=source_val_loss,
+            fold_check=fold_check,
             source_accuracy=source_acc, converted_accuracy=converted_acc, latency=latency,
             criterion_details=chosen.details, skipped_rows=[str(e) for e in data.skipped],
             stage_seconds=seconds, total_seconds=time.perf_counter() - started,

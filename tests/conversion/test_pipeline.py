@@ -139,3 +139,12 @@ def test_converted_source_is_refused(tiny_store: ModelStore, shapes_jsonl: Path)
     convert(fast_request(store=tiny_store.root, dataset=str(shapes_jsonl), criterion="uniform"))
     with pytest.raises(ConversionFailed, match="already converted"):
         convert(fast_request(store=tiny_store.root, dataset=str(shapes_jsonl), version="v2"))
+
+
+def test_threads_apply_to_the_call_only(tiny_store: ModelStore, shapes_jsonl: Path) -> None:
+    seen = []
+    torch.set_num_threads(2)
+    result = convert(fast_request(store=tiny_store.root, dataset=str(shapes_jsonl), criterion="deepest",
+                                  threads=1), progress=lambda e: seen.append(torch.get_num_threads()))
+    assert set(seen) == {1} and torch.get_num_threads() == 2
+    assert result.source_val_loss > 0 and result.summary()["source_val_loss"] == result.source_val_loss
