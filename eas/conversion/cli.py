@@ -43,7 +43,7 @@ def convert_command(
     skip_fraction: Annotated[float | None, typer.Option(help="skip this fraction of the attention layers")] = None,
     target_speedup: Annotated[float | None, typer.Option(help="skip the fewest layers predicted to reach this "
                                                                 "latency speedup on this device")] = None,
-    steps: Annotated[int | None, typer.Option(help="training steps (default 300)")] = None,
+    steps: Annotated[int | None, typer.Option(help="training steps (default 1500)")] = None,
     epochs: Annotated[float | None, typer.Option(help="training epochs (instead of --steps)")] = None,
     search_steps: Annotated[int | None, typer.Option(help="supernet steps of the eas search (default 300)")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate (default 9e-3 * batch / 256)")] = None,
