@@ -70,7 +70,10 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:
-        raise _too_large(str(exc)) from exc
+        # Pillow's own guard fired first (over twice its global limit); its message quotes Pillow's limit,
+        # not this server's, so name ours and keep Pillow's size figure as the detail.
+        raise _too_large(f"the image header declares more than the limit of {limits.max_pixels} pixels "
+                         f"({limits.max_side} per side): {exc}") from exc
     except Exception as exc:  # malformed headers make plugins raise anything (struct.error, SyntaxError...)
         raise InvalidImage(f"cannot read the {fmt} image header: {exc}", param="image") from exc
     width, height = image.size

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -68,7 +69,30 @@ def validate_question(question: object, *, max_chars: int, param: str = "questio
         raise ValidationFailed(f"{param} must not be empty", param=param)
     if len(question) > max_chars:
         raise ValidationFailed(f"{param} has {len(question)} characters; the limit is {max_chars}", param=param)
+    _check_plain_text(question, param)
     return question
+
+
+# C0 controls but tab/LF/CR, DEL and C1 controls (Unicode category Cc), and UTF-16 surrogates (Cs).
+_NOT_PLAIN_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _check_plain_text(text: str, param: str) -> None:
+    """Refuse text a tokenizer cannot take or that is binary, before it reaches a batch.
+
+    A lone surrogate (JSON allows `"\\ud800"`) makes the Rust tokenizer raise inside the worker, which
+    fails every request of that batch with 500; control characters (NUL, C1) only come from binary
+    payloads or text decoded with the wrong charset, never from a question someone typed.
+    """
+    found = _NOT_PLAIN_TEXT.search(text)
+    if found is None:
+        return
+    char, position = found.group(), found.start()
+    if "\ud800" <= char <= "\udfff":
+        raise ValidationFailed(f"{param} contains a lone UTF-16 surrogate (U+{ord(char):04X}) at character "
+                               f"{position}: it is not valid Unicode text", param=param)
+    raise ValidationFailed(f"{param} contains the control character U+{ord(char):04X} at character {position}; "
+                           "send plain UTF-8 text", param=param)
 
 
 def validate_max_new_tokens(value: object, *, default: int, cap: int, param: str = "max_new_tokens") -> int:

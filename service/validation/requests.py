@@ -51,6 +51,9 @@ async def read_json(request: Request) -> Any:
         return await offload_if_large(len(body), json.loads, body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON body: {exc}") from exc
+    except RecursionError:
+        # json.loads recurses per nesting level: a few KB of "[[[[..." would otherwise be a 500.
+        raise BadRequest("malformed JSON body: nested too deeply") from None
 
 
 def request_deadline(request: Request, settings: Settings) -> float:
