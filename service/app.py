@@ -21,6 +21,7 @@ from service.jobs.supervisor import JobSupervisor
 from service.lifecycle import Loader, Resolver, Service, default_loader, run_in_daemon_thread
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
+from service.openapi import ERROR_RESPONSES
 from service.routes import admin, answer, chat, health, metrics, models
 from service.routes.admin import AdminState
 from service.runner.activation import Activator
@@ -84,7 +85,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app. `loader`/`resolver` are seams for tests and later hot activation."""
     settings = settings or Settings()
-    app = FastAPI(title="eas-serve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="eas-serve", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
                   summary="Vision-language QA with EAS attention skipping, served beside its baseline.")
     app.state.settings = settings
     app.state.metrics = app_metrics = Metrics()

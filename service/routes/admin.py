@@ -18,11 +18,13 @@ from eas.model.manifest import ModelFilesError
 from model_store import JobRecord, ModelStore
 from model_store import errors as store_errors
 from service.deps import ServiceDep, require_admin_token
-from service.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
+from service.errors import Conflict, NotFound, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from service.jobs.supervisor import JobSupervisor
 from service.lifecycle import run_in_daemon_thread
+from service.openapi import standalone_schema
 from service.runner.activation import Activator
 from service.validation.admin import ConvertBody, job_params
+from service.validation.requests import is_json, media_type, read_json, validate_model
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_token)])
 
@@ -67,14 +69,23 @@ def _check_source(store: ModelStore, body: Any) -> str:
     return info.version
 
 
-@router.post("/convert", status_code=202)
+# The body is read in the handler, not declared as a parameter: FastAPI parses declared bodies before it
+# runs any dependency, so a closed admin API answered malformed JSON with 422 instead of 403/401.
+_CONVERT_BODY = {"content": {"application/json": {"schema": standalone_schema(ConvertBody)}}, "required": True}
+
+
+@router.post("/convert", status_code=202, openapi_extra={"requestBody": _CONVERT_BODY})
 async def start_conversion(
-    body: ConvertBody,  # type: ignore[valid-type]
+    request: Request,
     response: Response,
     admin: AdminDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> dict[str, Any]:
     """Queue a conversion job: 202 with its id and a Location header; 409 while one runs for the model."""
+    media = media_type(request)
+    if media and not is_json(media):
+        raise UnsupportedMediaType("Content-Type must be application/json")
+    body: Any = validate_model(ConvertBody, await read_json(request))
     try:
         params = job_params(body, admin.store.root)
     except ValidationError as exc:

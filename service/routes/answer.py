@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from service.deps import INFERENCE_GUARDS, MetricsDep, ServiceDep, SettingsDep
 from service.inference import infer
+from service.openapi import standalone_schema
 from service.validation.requests import AnswerJSON, read_answer_request
 
 router = APIRouter(tags=["inference"], dependencies=INFERENCE_GUARDS)
@@ -29,14 +30,17 @@ class AnswerResponse(BaseModel):
     timings: Timings
 
 
+# Constraints the handler enforces are stated here too (non-blank question, max_new_tokens >= 1, no other
+# fields), so schema-driven clients and fuzzers do not send requests the schema calls valid only to get 4xx.
 _REQUEST_BODY = {
     "content": {
         "multipart/form-data": {"schema": {
-            "type": "object", "required": ["image", "question"],
-            "properties": {"image": {"type": "string", "format": "binary"}, "question": {"type": "string"},
+            "type": "object", "required": ["image", "question"], "additionalProperties": False,
+            "properties": {"image": {"type": "string", "format": "binary"},
+                           "question": {"type": "string", "pattern": r"\S"},
                            "variant": {"type": "string", "enum": ["eas", "baseline", "auto"]},
-                           "max_new_tokens": {"type": "integer"}}}},
-        "application/json": {"schema": AnswerJSON.model_json_schema()},
+                           "max_new_tokens": {"type": "integer", "minimum": 1}}}},
+        "application/json": {"schema": standalone_schema(AnswerJSON)},
     },
     "required": True,
 }

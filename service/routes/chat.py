@@ -18,16 +18,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from service.deps import INFERENCE_GUARDS, MetricsDep, ServiceDep, SettingsDep
 from service.errors import UnsupportedMediaType
 from service.inference import Outcome, infer
+from service.openapi import standalone_schema
 from service.validation.chat import ChatCompletionRequest, parse_chat
 from service.validation.requests import is_json, media_type, read_json, request_deadline, validate_model
 
 router = APIRouter(tags=["openai"], dependencies=INFERENCE_GUARDS)
 
-_REQUEST_BODY = {"content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+_REQUEST_BODY = {"content": {"application/json": {"schema": standalone_schema(ChatCompletionRequest)}},
                  "required": True}
+_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
+    "description": "A chat completion; with `stream: true`, Server-Sent Events of completion chunks.",
+    "content": {"application/json": {}, "text/event-stream": {}}}}
 
 
-@router.post("/v1/chat/completions", openapi_extra={"requestBody": _REQUEST_BODY})
+@router.post("/v1/chat/completions", responses=_RESPONSES, openapi_extra={"requestBody": _REQUEST_BODY})
 async def chat_completions(
     request: Request,
     service: ServiceDep,

@@ -12,6 +12,7 @@ from service.metrics import CONTENT_TYPE
 router = APIRouter(tags=["metrics"], dependencies=[Depends(require_api_token)])
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format.", "content": {"text/plain": {}}}})
 async def metrics(m: MetricsDep) -> Response:
     return Response(m.render(), media_type=CONTENT_TYPE)

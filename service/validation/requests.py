@@ -81,9 +81,10 @@ class AnswerJSON(BaseModel):
 
     image: str | None = Field(None, description="Base64 image bytes or a data: URL.")
     image_url: str | ImageURL | None = Field(None, description="Alternative to `image`: a data: URL.")
-    question: str
+    # The schema states what the handler checks (its own messages, so json_schema_extra, not constraints).
+    question: str = Field(json_schema_extra={"pattern": r"\S"})
     variant: str | None = Field(None, description="`eas`, `baseline` or `auto` (default variant).")
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = Field(None, json_schema_extra={"minimum": 1})
 
 
 async def read_answer_request(request: Request, settings: Settings) -> InferenceInput:

@@ -323,3 +323,12 @@ def test_barrage_concurrently_then_still_serving(live: LiveServer) -> None:
     server_errors = {labels["code"]: value for labels, value in counted if labels["code"].startswith("5")}
     assert server_errors == {}, server_errors
     assert sum(value for labels, value in counted if labels["code"] == "200") >= 32
+
+
+@pytest.mark.parametrize("body", [b"{oops", DEEP_JSON, b'{"model": 5}'], ids=["malformed", "deep", "invalid"])
+def test_closed_admin_api_refuses_before_reading_the_body(live: LiveServer, body: bytes) -> None:
+    """Auth comes first: FastAPI parsed a declared body before any dependency ran, so a closed admin API
+    answered malformed JSON with 422 (and its validation details) instead of 403."""
+    with live.client() as client:
+        response = client.post("/admin/convert", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 403, "forbidden", "closed")
