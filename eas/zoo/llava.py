@@ -1,7 +1,8 @@
 """LLaVA models (CLIP vision tower + projector + Llama decoder) built from sizes, with their processor.
 
-Three geometries share this recipe: the unit-test `tiny`, the trained demo model and the latency
-`bench` geometry. Weights are random (seeded); training happens elsewhere.
+Four geometries share this recipe: the unit-test `tiny`, the trained demo model, and the latency
+geometries `bench` (CPU-sized) and `llava-1.5-7b` (GPU only). Weights are random (seeded); training
+happens elsewhere.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ DEMO = LlavaGeometry(image_size=64, patch_size=8, vision_hidden=96, vision_inter
 BENCH = LlavaGeometry(image_size=336, patch_size=14, vision_hidden=256, vision_intermediate=1024, vision_layers=2,
                       vision_heads=4, text_hidden=1024, text_intermediate=2816, text_layers=12, text_heads=16,
                       text_kv_heads=16, vocab_size=512, vision_feature_layer=-1)
+
+# LLaVA-1.5-7B's shape (CLIP ViT-L/14 at 336 px: 576 image tokens, 24 layers 1024 wide; a 32-layer 4096-wide
+# Vicuna-7B decoder, vocabulary 32000), random weights, for GPU latency work only: 7 B parameters are 28 GB in
+# fp32, so `eas bench` refuses to build it on a CPU and builds it in bf16 directly on the GPU.
+LLAVA_15_7B = LlavaGeometry(image_size=336, patch_size=14, vision_hidden=1024, vision_intermediate=4096,
+                            vision_layers=24, vision_heads=16, text_hidden=4096, text_intermediate=11008,
+                            text_layers=32, text_heads=32, text_kv_heads=32, vocab_size=32000,
+                            max_position_embeddings=4096, vision_feature_layer=-2)
+
+GEOMETRIES: dict[str, LlavaGeometry] = {"tiny": TINY, "demo": DEMO, "bench": BENCH, "llava-1.5-7b": LLAVA_15_7B}
 
 
 def default_corpus() -> list[str]:
