@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from eas.bench.cli import bench_command
 from eas.conversion.cli import convert_command
 from eas.demo.cli import train_default_command
 from eas.evaluation.cli import eval_command
@@ -21,3 +22,4 @@ app.command("serve")(serve)
 app.command("convert")(convert_command)
 app.command("eval")(eval_command)
 app.command("train-default")(train_default_command)
+app.command("bench")(bench_command)
