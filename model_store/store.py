@@ -455,10 +455,31 @@ class ModelStore:
         return self._jobs.cleanup(ttl, now=now)
 
 
+class _CopyFailed(Exception):
+    """Carries a file copy's OSError through copytree, which would otherwise catch it and go on."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _copy_file(src: str, dst: str, *, follow_symlinks: bool = True) -> object:
+    try:
+        return shutil.copy2(src, dst, follow_symlinks=follow_symlinks)
+    except OSError as exc:
+        raise _CopyFailed(exc) from exc
+
+
 def _copy_verified(src: Path, dst: Path) -> None:
     """Copy a model directory's contents (symlinks followed) and check the copy against the source's
     manifest when it has one."""
-    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=_COPY_IGNORE)
+    # Stop at the first failed file with its own OSError: copytree collects per-file errors into one
+    # shutil.Error (errno None, the causes flattened to strings) after trying every remaining file, so a
+    # full disk came back as a VersionWriteError without ENOSPC.
+    try:
+        shutil.copytree(src, dst, dirs_exist_ok=True, ignore=_COPY_IGNORE, copy_function=_copy_file)
+    except _CopyFailed as failed:
+        raise failed.error from None
     if (dst / MANIFEST_NAME).is_file():
         try:
             verify_manifest(dst, require=True)

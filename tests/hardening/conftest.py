@@ -14,6 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.lifecycle import Loader, default_loader
 from service.server import DrainingServer, background_server
 from tests.service.conftest import ModelDirs, anyio_backend, make_settings, model_dirs  # noqa: F401 (fixtures)
 
@@ -32,9 +33,9 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def start_server(dirs: ModelDirs, **overrides: Any) -> Iterator[LiveServer]:
+def start_server(dirs: ModelDirs, *, loader: Loader = default_loader, **overrides: Any) -> Iterator[LiveServer]:
     """A real DrainingServer on an OS-chosen loopback port, ready (models loaded and warm) when yielded."""
-    app = create_app(make_settings(dirs, **overrides))
+    app = create_app(make_settings(dirs, **overrides), loader=loader)
     with background_server(app, startup_timeout_s=60) as (base_url, server):
         yield LiveServer(base_url, app, server)
 
