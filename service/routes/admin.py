@@ -109,7 +109,7 @@ async def list_jobs(
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
     model: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,  # SQLite integers are 64-bit: larger ones were a 500
 ) -> dict[str, Any]:
     jobs = admin.store.list_jobs(status, model=model, limit=limit, offset=offset)
     total = admin.store.count_jobs(status, model=model)
