@@ -48,6 +48,7 @@ class Split:
 @dataclass
 class EasyVQATensors:
     pixels: torch.Tensor  # [images, 3, H, W], processor-normalised
+    image_ids: list[int]  # easy-vqa image id of each row of `pixels`
     train: Split
     validation: Split
 
@@ -82,7 +83,7 @@ def load_train_tensors(processor: ProcessorMixin, val_images: int = 200, seed: i
             answers=[a for _, a, _ in rows],
         )
 
-    return EasyVQATensors(pixels=pixels, train=split(False), validation=split(True))
+    return EasyVQATensors(pixels=pixels, image_ids=ids, train=split(False), validation=split(True))
 
 
 def collate(data: EasyVQATensors, split: Split, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:

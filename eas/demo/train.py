@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from eas.demo.data import EasyVQATensors, collate, corpus, load_train_tensors
+from eas.demo.vision_pretrain import VisionPretrainConfig, image_labels, pretrain_vision_tower
 from eas.model.loading import LoadedModel
 from eas.model.manifest import write_manifest
 from eas.zoo.llava import DEMO, LlavaGeometry, build_llava
@@ -39,6 +40,8 @@ class TrainConfig:
     threads: int = 0  # 0: torch's default
     shape_oversample: int = 1  # shape-related questions are seen this many times per epoch
     balance_yes_no: bool = False  # see _epoch_rows; an experiment, not used by the shipped model
+    vision_steps: int = 1500  # stage 1 (see eas/demo/vision_pretrain.py); 0 skips it
+    freeze_vision: bool = True  # stage 2 trains projector + decoder only, as LLaVA does
 
 
 @dataclass
@@ -50,11 +53,27 @@ class TrainReport:
     parameters: int
     val_accuracy: float
     loss_curve: list[float] = field(default_factory=list)
+    vision_loss_curve: list[float] = field(default_factory=list)
+
+
+def _stage_one(model: torch.nn.Module, data: EasyVQATensors, cfg: TrainConfig) -> list[float]:
+    """Pretrain the vision tower on the shape and colour of the training images (validation images held out)."""
+    if not cfg.vision_steps:
+        return []
+    import easy_vqa
+
+    labels = image_labels(*easy_vqa.get_train_questions())
+    rows = sorted({int(k) for k in data.train.image_index} & {k for k, i in enumerate(data.image_ids) if i in labels})
+    shape = torch.tensor([labels[data.image_ids[k]][0] for k in rows])
+    color = torch.tensor([labels[data.image_ids[k]][1] for k in rows])
+    stage = VisionPretrainConfig(steps=cfg.vision_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    return pretrain_vision_tower(model.model.vision_tower, data.pixels[rows], shape, color, stage)
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases and norm gains
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]  # biases and norm gains
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
 
@@ -102,12 +121,15 @@ def train_default_model(out: Path, cfg: TrainConfig | None = None, geometry: Lla
     _check_single_token_answers(processor)
     torch.manual_seed(cfg.seed)
     data = load_train_tensors(processor, seed=cfg.seed)
+    started = time.monotonic()
+    vision_curve = _stage_one(model, data, cfg)
+    if cfg.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
     opt = _optimizer(model, cfg)
     order = random.Random(cfg.seed)
     rows = _epoch_rows(data, cfg.shape_oversample, cfg.balance_yes_no)
     pad = processor.tokenizer.pad_token_id
     model.train()
-    started = time.monotonic()
     curve: list[float] = []
     val = 0.0
     step = 0
@@ -136,7 +158,7 @@ def train_default_model(out: Path, cfg: TrainConfig | None = None, geometry: Lla
     model.eval()
     report = TrainReport(config=asdict(cfg), geometry=asdict(geometry), steps=step, seconds=round(seconds, 1),
                          parameters=sum(p.numel() for p in model.parameters()), val_accuracy=val,
-                         loss_curve=curve[::10])
+                         loss_curve=curve[::10], vision_loss_curve=vision_curve[::10])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
