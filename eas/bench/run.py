@@ -222,8 +222,9 @@ def measure_batch_size(app: Any, base_url: str, runners: dict[str, RawRunner], b
     questions = [QUESTION] * batch
     memory = {}
     for variant in VARIANTS:
-        memory[variant] = measure_generation_memory(runners[variant].loaded, images, questions,
-                                                    max_new_tokens).to_dict()
+        runner = runners[variant]
+        memory[variant] = runner.call(measure_generation_memory, runner.loaded, images, questions,
+                                      max_new_tokens).to_dict()
         progress.step(f"batch {batch}: memory + warm-up")
     raw: dict[str, list[RawTiming]] = {v: [] for v in VARIANTS}
     http: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -344,7 +345,8 @@ def run_sweep(options: BenchOptions, baseline: RawRunner, main_eas: RawRunner, w
         else:
             directory = build_geometry_eas(options.geometry, plan, workdir / "sweep", seed=options.seed,
                                            device=options.device, dtype=options.dtype)
-            runner = RawRunner(load_model(directory, device=options.device, dtype=options.dtype, name="sweep"))
+            runner = RawRunner(load_model(directory, device=options.device, dtype=options.dtype, name="sweep"),
+                               name="sweep")
             owned = True
             runner.run(images, questions, options.max_new_tokens)  # warm-up
             progress.step(f"sweep: skip {len(plan.skipped)}/{num_layers} built")
@@ -446,7 +448,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
         log("starting the service on 127.0.0.1 (loading and warming both variants)")
         with serve(settings) as (base_url, app):
             models = {v: served_model(app, v) for v in VARIANTS}
-            runners = {v: RawRunner(models[v]) for v in VARIANTS}
+            runners = {v: RawRunner(models[v], name=v) for v in VARIANTS}
             bar = tqdm(total=_total_steps(options, sizes), disable=not options.progress, unit="step",
                        dynamic_ncols=True)
             progress = Progress(bar)
@@ -460,6 +462,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
                     if options.sweep else []
             finally:
                 bar.close()
+                for runner in runners.values():
+                    runner.close()
             first = batches["1"]["raw"]["eas"]
             flops = flop_section(models, first["prompt_tokens"][0], first["new_tokens"][0])
             model_info = {v: {"path": str(models[v].path), "skipped": list(models[v].plan.skipped)
@@ -467,8 +471,6 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
                               "num_layers": models[v].model.config.get_text_config(decoder=True).num_hidden_layers,
                               "parameters": sum(p.numel() for p in models[v].model.parameters())}
                           for v in VARIANTS}
-            for runner in runners.values():
-                runner.close()
     finally:
         if not options.keep_models:
             shutil.rmtree(workdir, ignore_errors=True)
