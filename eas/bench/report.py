@@ -175,7 +175,8 @@ def plot(r: dict[str, Any], out: Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
     env = r["environment"]
-    where = f"{env['device']} ({env['device_name'][:40]}), {env['dtype']}, torch {env['torch']}"
+    where = (f"{env['device']} ({env['device_name'][:40]}), {env['dtype']}, {env['torch_threads']} torch "
+             f"thread(s), torch {env['torch']}")
     paths = {}
 
     points = sorted(latency_points(r), key=lambda p: p["fraction"])
@@ -185,6 +186,7 @@ def plot(r: dict[str, Any], out: Path) -> dict[str, Path]:
     ax1.plot(fractions, [p["baseline_s"] * 1e3 for p in points], "s--", color="gray", label="baseline (same runs)")
     ax1.set_xlabel("fraction of attention layers skipped")
     ax1.set_ylabel("end-to-end latency, batch 1, median (ms)")
+    ax1.set_ylim(bottom=0)
     ax1.legend()
     ax1.grid(alpha=0.3)
     ax2.plot(fractions, [p["speedup"] for p in points], "o-", label="measured speed-up (raw)")
@@ -209,6 +211,7 @@ def plot(r: dict[str, Any], out: Path) -> dict[str, Path]:
     ax.set_xticks(clients, [str(c) for c in clients])
     ax.set_xlabel("concurrent clients (HTTP, loopback)")
     ax.set_ylabel("requests / s")
+    ax.set_ylim(bottom=0)
     ax.legend()
     ax.grid(alpha=0.3)
     ax.set_title(f"throughput vs concurrency — {where}", fontsize=9)
