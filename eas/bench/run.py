@@ -385,6 +385,12 @@ def _total_steps(options: BenchOptions, sizes: list[int]) -> int:
 
 
 def validate(options: BenchOptions) -> None:
+    if options.device not in ("auto", "cpu", "cuda"):
+        raise BenchSetupError(f"--device {options.device!r}: choose auto, cpu or cuda")
+    if options.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise BenchSetupError(f"--dtype {options.dtype!r}: choose auto, fp32, bf16 or fp16")
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise BenchSetupError("--device cuda, but torch sees no CUDA device here")
     real = options.eas_dir is not None or options.baseline_dir is not None or options.store is not None
     if (options.eas_dir is None) != (options.baseline_dir is None):
         raise BenchSetupError("--eas-dir and --baseline-dir go together")

@@ -95,6 +95,7 @@ def test_the_7b_geometry_is_refused_on_cpu(tmp_path: Path) -> None:
     (["--skip-count", "4", "--geometry", "tiny"], "layer 0"),
     (["--eas-dir", "x"], "go together"),
     (["--store", "s"], "--model"),
+    (["--device", "tpu"], "choose auto, cpu or cuda"),
 ])
 def test_bad_options_are_one_message(tmp_path: Path, args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "b"), *args])
