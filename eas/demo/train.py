@@ -9,7 +9,6 @@ training early (the cosine schedule is laid out for `steps`).
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from eas.demo.data import EasyVQATensors, collate, corpus, load_train_tensors
+from eas.demo.optim import adamw, warmup_cosine
 from eas.demo.vision_pretrain import VisionPretrainConfig, image_labels, pretrain_vision_tower
 from eas.model.loading import LoadedModel
 from eas.model.manifest import write_manifest
@@ -60,28 +60,13 @@ def _stage_one(model: torch.nn.Module, data: EasyVQATensors, cfg: TrainConfig) -
     """Pretrain the vision tower on the shape and colour of the training images (validation images held out)."""
     if not cfg.vision_steps:
         return []
-    import easy_vqa
-
-    labels = image_labels(*easy_vqa.get_train_questions())
-    rows = sorted({int(k) for k in data.train.image_index} & {k for k, i in enumerate(data.image_ids) if i in labels})
+    train_images = [data.image_ids[k] for k in data.train.image_index.tolist()]
+    labels = image_labels(data.train.questions, data.train.answers, train_images)
+    rows = sorted({k for k, i in enumerate(data.image_ids) if i in labels})
     shape = torch.tensor([labels[data.image_ids[k]][0] for k in rows])
     color = torch.tensor([labels[data.image_ids[k]][1] for k in rows])
     stage = VisionPretrainConfig(steps=cfg.vision_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     return pretrain_vision_tower(model.model.vision_tower, data.pixels[rows], shape, color, stage)
-
-
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]  # biases and norm gains
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-
-
-def _lr(step: int, cfg: TrainConfig) -> float:
-    warm = min(1.0, (step + 1) / cfg.warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
-    return cfg.lr * warm * (0.05 + 0.95 * cosine)
 
 
 @torch.inference_mode()
@@ -125,7 +110,7 @@ def train_default_model(out: Path, cfg: TrainConfig | None = None, geometry: Lla
     vision_curve = _stage_one(model, data, cfg)
     if cfg.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
-    opt = _optimizer(model, cfg)
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
     order = random.Random(cfg.seed)
     rows = _epoch_rows(data, cfg.shape_oversample, cfg.balance_yes_no)
     pad = processor.tokenizer.pad_token_id
@@ -138,7 +123,7 @@ def train_default_model(out: Path, cfg: TrainConfig | None = None, geometry: Lla
         order.shuffle(rows)
         for first in range(0, len(rows) - cfg.batch_size + 1, cfg.batch_size):
             for group in opt.param_groups:
-                group["lr"] = _lr(step, cfg)
+                group["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
             loss = model(**collate(data, data.train, rows[first : first + cfg.batch_size], pad)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -19,7 +19,6 @@ both labels, so they are used as augmentation.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from eas.demo.optim import adamw, warmup_cosine
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
@@ -89,17 +90,13 @@ def pretrain_vision_tower(vision_tower: nn.Module, pixels: torch.Tensor, shape: 
     hidden = vision_tower.config.hidden_size
     heads = nn.ModuleDict({"shape": nn.Linear(hidden, len(SHAPES)), "color": nn.Linear(hidden, len(COLORS))})
     params = [*vision_tower.parameters(), *heads.parameters()]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    opt = adamw(params, cfg.lr, cfg.weight_decay)
     vision_tower.train()
     curve: list[float] = []
     bar = tqdm(range(cfg.steps), desc="stage 1: vision tower", unit="step")
     for step in bar:
-        warm = min(1.0, (step + 1) / cfg.warmup)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+            group["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
         rows = torch.tensor([rng.randrange(len(pixels)) for _ in range(cfg.batch_size)])
         tokens = vision_tower(pixel_values=_augment(pixels[rows], rng)).last_hidden_state[:, 1:]  # no CLS
         per_token, n = tokens.flatten(0, 1), tokens.shape[1]
