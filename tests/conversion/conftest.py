@@ -13,9 +13,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from eas.zoo.llava import build_llava
-from model_store import ModelStore
-
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30), "yellow": (230, 220, 40)}
 SHAPES = ("circle", "rectangle")
 
@@ -54,26 +51,7 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved tiny LLaVA (seeded; identical in every run)."""
-    directory = tmp_path_factory.mktemp("tiny-llava")
-    model, processor = build_llava(seed=0)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture
-def tiny_store(tmp_path: Path, tiny_model_dir: Path) -> ModelStore:
-    store = ModelStore(tmp_path / "store")
-    store.import_directory("tiny", tiny_model_dir, kind="baseline", activate=True)
-    return store
-
-
-@pytest.fixture(scope="session")
-def shapes_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"))
+# tiny_model_dir, tiny_store and shapes_jsonl come from tests/conftest.py.
 
 
 def fast_request(**overrides):
