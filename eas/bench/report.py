@@ -197,10 +197,7 @@ def plot(r: dict[str, Any], out: Path) -> dict[str, Path]:
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.suptitle(f"latency vs skip fraction — {where}", fontsize=9)
-    fig.tight_layout()
-    paths["latency_plot"] = out / LATENCY_PLOT
-    fig.savefig(paths["latency_plot"], dpi=110)
-    plt.close(fig)
+    paths["latency_plot"] = _save(fig, out / LATENCY_PLOT)
 
     rows = r["throughput"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -215,8 +212,15 @@ def plot(r: dict[str, Any], out: Path) -> dict[str, Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     ax.set_title(f"throughput vs concurrency — {where}", fontsize=9)
-    fig.tight_layout()
-    paths["throughput_plot"] = out / THROUGHPUT_PLOT
-    fig.savefig(paths["throughput_plot"], dpi=110)
-    plt.close(fig)
+    paths["throughput_plot"] = _save(fig, out / THROUGHPUT_PLOT)
     return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write a finished figure as PNG and free it (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
