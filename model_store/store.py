@@ -470,16 +470,21 @@ def _copy_file(src: str, dst: str, *, follow_symlinks: bool = True) -> object:
         raise _CopyFailed(exc) from exc
 
 
-def _copy_verified(src: Path, dst: Path) -> None:
-    """Copy a model directory's contents (symlinks followed) and check the copy against the source's
-    manifest when it has one."""
-    # Stop at the first failed file with its own OSError: copytree collects per-file errors into one
-    # shutil.Error (errno None, the causes flattened to strings) after trying every remaining file, so a
-    # full disk came back as a VersionWriteError without ENOSPC.
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a directory's contents into `dst` (symlinks followed), stopping at the first failed file with
+    its own OSError."""
+    # copytree collects per-file errors into one shutil.Error (errno None, the causes flattened to
+    # strings) after trying every remaining file, so a full disk came back without ENOSPC.
     try:
         shutil.copytree(src, dst, dirs_exist_ok=True, ignore=_COPY_IGNORE, copy_function=_copy_file)
     except _CopyFailed as failed:
         raise failed.error from None
+
+
+def _copy_verified(src: Path, dst: Path) -> None:
+    """Copy a model directory's contents and check the copy against the source's manifest when it has
+    one."""
+    copy_tree(src, dst)
     if (dst / MANIFEST_NAME).is_file():
         try:
             verify_manifest(dst, require=True)

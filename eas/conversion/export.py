@@ -30,6 +30,7 @@ from eas.model.loading import LoadedModel, load_model
 from eas.model.manifest import write_manifest
 from eas.model.persistence import save_converted
 from model_store import ModelStore, VersionInfo
+from model_store.store import copy_tree
 
 PLAN_FILE = "plan.json"
 REPORT_FILE = "conversion.json"
@@ -77,14 +78,6 @@ def _write_record(directory: Path, plan_json: str, report: dict[str, Any]) -> No
     (directory / REPORT_FILE).write_text(json.dumps(report, indent=1, sort_keys=True, allow_nan=False))
 
 
-def _copy_model(src: Path, dst: Path) -> None:
-    for item in src.iterdir():
-        if item.is_dir():
-            shutil.copytree(item, dst / item.name)
-        else:
-            shutil.copy2(item, dst / item.name)
-
-
 def publish_to_store(store: ModelStore, name: str, parent: VersionInfo, model_dir: Path, plan_json: str,
                      report: dict[str, Any], metadata: dict[str, Any], *, activate: bool,
                      cancel: threading.Event | None = None) -> VersionInfo:
@@ -92,7 +85,7 @@ def publish_to_store(store: ModelStore, name: str, parent: VersionInfo, model_di
 
     def write(directory: Path) -> None:
         check_cancel(cancel, "export")  # last chance: raising here leaves no version and no staging
-        _copy_model(model_dir, directory)
+        copy_tree(model_dir, directory)  # a full disk surfaces as ENOSPC
         _write_record(directory, plan_json, report)
         check_cancel(cancel, "export")
 
@@ -111,7 +104,7 @@ def publish_to_directory(out: Path, model_dir: Path, plan_json: str, report: dic
         shutil.rmtree(partial)
     try:
         partial.mkdir(parents=True)
-        _copy_model(model_dir, partial)
+        copy_tree(model_dir, partial)
         _write_record(partial, plan_json, report)
         write_manifest(partial)
         check_cancel(cancel, "export")

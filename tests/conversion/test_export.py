@@ -109,3 +109,30 @@ def test_publish_to_directory_refuses_a_non_empty_target(tmp_path: Path) -> None
     assert publish_to_directory(empty, tmp_path / "scratch", "{}", {}) == empty
     assert sorted(p.name for p in empty.iterdir()) == ["config.json", "conversion.json", "eas_manifest.json",
                                                        "plan.json"]
+
+
+def test_publish_to_store_reports_a_full_disk_as_enospc_and_writes_nothing(
+        tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import shutil
+
+    store = ModelStore(tmp_path / "store")
+    source = store.import_directory("tiny", tiny_model_dir)
+    scratch = _model_dir(tmp_path)
+    (scratch / "extra").mkdir()  # a sub-directory: copytree there used to flatten the error into shutil.Error
+    (scratch / "extra" / "weights.bin").write_bytes(b"\0" * 64)
+    real_copyfile = shutil.copyfile
+
+    def disk_full(src, dst, *, follow_symlinks=True):
+        if Path(src).name == "weights.bin":
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_copyfile(src, dst, follow_symlinks=follow_symlinks)
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    with pytest.raises(OSError) as failure:
+        publish_to_store(store, "tiny", source, scratch, "{}", {}, {}, activate=True)
+    monkeypatch.undo()
+    assert failure.value.errno == errno.ENOSPC, failure.value
+    assert [v.version for v in store.list_versions("tiny")] == ["v1"]
+    assert store.active("tiny").version == "v1"
+    assert not any((store.root / ".staging").iterdir())
