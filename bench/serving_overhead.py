@@ -9,9 +9,13 @@
 (b) Throughput: the same requests sent one at a time and by 16 concurrent clients, with the answers
     under concurrency compared with unbatched direct answers.
 
-The server is a real uvicorn (`DrainingServer`) on 127.0.0.1 in a background thread of this process;
-the direct model is a second `LoadedModel` of the same directory. Medians and ratios only: absolute
-times depend on the machine.
+For (a) the server is a real uvicorn (`DrainingServer`) on 127.0.0.1 in a background thread of this
+process, so both sides of each pair run under the same conditions; the direct model is a second
+`LoadedModel` of the same directory. For (b) the server is by default its own process
+(`uvicorn --factory service.app:create_app`, configured through EAS_* variables, as deployed): in one
+process the 16 clients' Python and the server's would share one GIL, and the load generator would be
+measured as much as the server (`--throughput-server thread` keeps the old in-process set-up for
+comparison). Medians and ratios only: absolute times depend on the machine.
 
     python bench/serving_overhead.py                       # embedded default model, else a tiny one
     python bench/serving_overhead.py --model-dir DIR --requests 200 --json-out runs/serving.json
@@ -21,13 +25,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import logging
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,22 +194,83 @@ async def _run_clients(base_url: str, samples: list[Sample], concurrency: int,
         return time.perf_counter() - t0, answers
 
 
-def batch_stats(app: Any) -> tuple[float, float]:
-    registry = app.state.metrics.registry
-    labels = {"model": app.state.service.registry.get(None).info.model, "variant": "eas"}
-    total = registry.get_sample_value("eas_batch_size_sum", labels) or 0.0
-    count = registry.get_sample_value("eas_batch_size_count", labels) or 0.0
-    return total, count
+BatchStats = Callable[[], tuple[float, float]]  # (sum, count) of the eas variant's batch sizes so far
 
 
-def measure_throughput(app: Any, direct: LoadedModel, base_url: str, samples: list[Sample], concurrency: int,
-                       max_new_tokens: int) -> dict[str, Any]:
+def app_batch_stats(app: Any) -> BatchStats:
+    """Batch sizes read from an in-process app's metrics registry."""
+
+    def read() -> tuple[float, float]:
+        registry = app.state.metrics.registry
+        labels = {"model": app.state.service.registry.get(None).info.model, "variant": "eas"}
+        total = registry.get_sample_value("eas_batch_size_sum", labels) or 0.0
+        count = registry.get_sample_value("eas_batch_size_count", labels) or 0.0
+        return total, count
+
+    return read
+
+
+def http_batch_stats(base_url: str) -> BatchStats:
+    """Batch sizes scraped from a server's GET /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read() -> tuple[float, float]:
+        text = httpx.get(f"{base_url}/metrics", trust_env=False, timeout=30).text
+        found = {"eas_batch_size_sum": 0.0, "eas_batch_size_count": 0.0}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in found and sample.labels.get("variant") == "eas":
+                    found[sample.name] += sample.value
+        return found["eas_batch_size_sum"], found["eas_batch_size_count"]
+
+    return read
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(env: dict[str, str], ready_timeout_s: float = 180.0) -> Iterator[str]:
+    """`uvicorn --factory service.app:create_app` on a free loopback port, configured by `env` (EAS_*);
+    yields its base URL once /health/ready says so, and stops it (SIGTERM, then kill) afterwards."""
+    port = _free_port()
+    command = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning"]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base_url}/health/ready", trust_env=False, timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {ready_timeout_s:.0f} s")
+            time.sleep(0.25)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def measure_throughput(stats: BatchStats, direct: LoadedModel, base_url: str, samples: list[Sample],
+                       concurrency: int, max_new_tokens: int) -> dict[str, Any]:
     expected = [direct.answer([s.image()], [s.question], max_new_tokens)[0] for s in samples]
-    before = batch_stats(app)
+    asyncio.run(_run_clients(base_url, samples[:concurrency], concurrency, max_new_tokens))  # warm-up
+    before = stats()
     seq_s, seq_answers = asyncio.run(_run_clients(base_url, samples, 1, max_new_tokens))
-    middle = batch_stats(app)
+    middle = stats()
     conc_s, conc_answers = asyncio.run(_run_clients(base_url, samples, concurrency, max_new_tokens))
-    after = batch_stats(app)
+    after = stats()
     n = len(samples)
     mismatches = [i for i in range(n) if conc_answers[i] != expected[i]]
     return {
@@ -232,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=Settings.model_fields["max_batch_wait_ms"].default)
+    parser.add_argument("--throughput-server", choices=["process", "thread"], default="process",
+                        help="(b) against a separate server process (default) or one in this process")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -244,20 +316,29 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {"model_dir": str(model_dir), "model_source": source,
                                   "device": str(direct.device), "dtype": str(direct.dtype),
                                   "max_new_tokens": args.max_new_tokens, "overhead": {}}
+        limits = {"max_batch_size": 16, "max_queue_size": max(128, 2 * args.concurrency),
+                  "max_new_tokens": max(128, args.max_new_tokens), "default_deadline_ms": 600_000,
+                  "max_deadline_ms": 600_000}
         for wait_ms in sorted({0.0, args.batch_wait_ms}):
             settings = Settings(model_path=model_dir, load_baseline=False, device=args.device, dtype=args.dtype,
-                                max_batch_wait_ms=wait_ms, max_batch_size=16,
-                                max_queue_size=max(128, 2 * args.concurrency), max_new_tokens=max(
-                                    128, args.max_new_tokens), default_deadline_ms=600_000,
-                                max_deadline_ms=600_000)
+                                max_batch_wait_ms=wait_ms, **limits)
             app = create_app(settings)
             with background_server(app) as (base_url, _server):
                 report["overhead"][f"batch_wait_{wait_ms:g}ms"] = measure_overhead(
                     direct, base_url, samples[:16], args.iterations, args.max_new_tokens)
-                if wait_ms == args.batch_wait_ms:
-                    report["throughput"] = measure_throughput(
-                        app, direct, base_url, samples[: args.requests], args.concurrency, args.max_new_tokens)
-                    report["throughput"]["batch_wait_ms"] = wait_ms
+                if wait_ms == args.batch_wait_ms and args.throughput_server == "thread":
+                    report["throughput"] = measure_throughput(app_batch_stats(app), direct, base_url,
+                                                              samples[: args.requests], args.concurrency,
+                                                              args.max_new_tokens)
+        if args.throughput_server == "process":
+            env = {f"EAS_{k.upper()}": str(v) for k, v in limits.items()}
+            env |= {"EAS_MODEL_PATH": str(model_dir), "EAS_LOAD_BASELINE": "false", "EAS_DEVICE": args.device,
+                    "EAS_DTYPE": args.dtype, "EAS_MAX_BATCH_WAIT_MS": str(args.batch_wait_ms)}
+            with server_process(env) as base_url:
+                report["throughput"] = measure_throughput(http_batch_stats(base_url), direct, base_url,
+                                                          samples[: args.requests], args.concurrency,
+                                                          args.max_new_tokens)
+        report["throughput"] |= {"batch_wait_ms": args.batch_wait_ms, "server": args.throughput_server}
     print_report(report)
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +362,8 @@ def print_report(r: dict[str, Any]) -> None:
     first = next(iter(r["overhead"].values()))
     print(f"\nimage decode alone (part of server preprocess): {first['image_decode_p50_ms']:.2f} ms")
     t = r["throughput"]
-    print(f"\n(b) throughput, {t['requests']} requests, batch window {t['batch_wait_ms']:g} ms\n")
+    print(f"\n(b) throughput, {t['requests']} requests, batch window {t['batch_wait_ms']:g} ms, server in a "
+          f"separate {t['server']}\n")
     print("| clients | requests/s | mean batch size | answers equal to unbatched |")
     print("|---|---|---|---|")
     print(f"| 1 | {t['sequential_rps']:.1f} | {t['mean_batch_size_sequential']:.2f} | "
