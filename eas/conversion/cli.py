@@ -45,7 +45,7 @@ def convert_command(
                                                                 "latency speedup on this device")] = None,
     steps: Annotated[int | None, typer.Option(help="training steps (default 1500)")] = None,
     epochs: Annotated[float | None, typer.Option(help="training epochs (instead of --steps)")] = None,
-    search_steps: Annotated[int | None, typer.Option(help="supernet steps of the eas search (default 300)")] = None,
+    search_steps: Annotated[int | None, typer.Option(help="supernet steps of the eas search (default 3000)")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate (default 9e-3 * batch / 256)")] = None,
     batch_size: Annotated[int, typer.Option(help="training batch size")] = 16,
     seed: Annotated[int, typer.Option(help="seed of data order, adapter init and bandit draws")] = 0,
