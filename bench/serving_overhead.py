@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,36 +194,18 @@ async def _run_clients(base_url: str, samples: list[Sample], concurrency: int,
         return time.perf_counter() - t0, answers
 
 
-BatchStats = Callable[[], tuple[float, float]]  # (sum, count) of the eas variant's batch sizes so far
-
-
-def app_batch_stats(app: Any) -> BatchStats:
-    """Batch sizes read from an in-process app's metrics registry."""
-
-    def read() -> tuple[float, float]:
-        registry = app.state.metrics.registry
-        labels = {"model": app.state.service.registry.get(None).info.model, "variant": "eas"}
-        total = registry.get_sample_value("eas_batch_size_sum", labels) or 0.0
-        count = registry.get_sample_value("eas_batch_size_count", labels) or 0.0
-        return total, count
-
-    return read
-
-
-def http_batch_stats(base_url: str) -> BatchStats:
-    """Batch sizes scraped from a server's GET /metrics."""
+def batch_stats(base_url: str) -> tuple[float, float]:
+    """(sum, count) of the eas variant's batch sizes so far, scraped from the server's GET /metrics (the
+    same for a server in this process or in its own)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    def read() -> tuple[float, float]:
-        text = httpx.get(f"{base_url}/metrics", trust_env=False, timeout=30).text
-        found = {"eas_batch_size_sum": 0.0, "eas_batch_size_count": 0.0}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name in found and sample.labels.get("variant") == "eas":
-                    found[sample.name] += sample.value
-        return found["eas_batch_size_sum"], found["eas_batch_size_count"]
-
-    return read
+    text = httpx.get(f"{base_url}/metrics", trust_env=False, timeout=30).text
+    found = {"eas_batch_size_sum": 0.0, "eas_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in found and sample.labels.get("variant") == "eas":
+                found[sample.name] += sample.value
+    return found["eas_batch_size_sum"], found["eas_batch_size_count"]
 
 
 def _free_port() -> int:
@@ -262,15 +244,15 @@ def server_process(env: dict[str, str], ready_timeout_s: float = 180.0) -> Itera
             process.wait()
 
 
-def measure_throughput(stats: BatchStats, direct: LoadedModel, base_url: str, samples: list[Sample],
-                       concurrency: int, max_new_tokens: int) -> dict[str, Any]:
+def measure_throughput(direct: LoadedModel, base_url: str, samples: list[Sample], concurrency: int,
+                       max_new_tokens: int) -> dict[str, Any]:
     expected = [direct.answer([s.image()], [s.question], max_new_tokens)[0] for s in samples]
     asyncio.run(_run_clients(base_url, samples[:concurrency], concurrency, max_new_tokens))  # warm-up
-    before = stats()
+    before = batch_stats(base_url)
     seq_s, seq_answers = asyncio.run(_run_clients(base_url, samples, 1, max_new_tokens))
-    middle = stats()
+    middle = batch_stats(base_url)
     conc_s, conc_answers = asyncio.run(_run_clients(base_url, samples, concurrency, max_new_tokens))
-    after = stats()
+    after = batch_stats(base_url)
     n = len(samples)
     mismatches = [i for i in range(n) if conc_answers[i] != expected[i]]
     return {
@@ -327,17 +309,15 @@ def main(argv: list[str] | None = None) -> int:
                 report["overhead"][f"batch_wait_{wait_ms:g}ms"] = measure_overhead(
                     direct, base_url, samples[:16], args.iterations, args.max_new_tokens)
                 if wait_ms == args.batch_wait_ms and args.throughput_server == "thread":
-                    report["throughput"] = measure_throughput(app_batch_stats(app), direct, base_url,
-                                                              samples[: args.requests], args.concurrency,
-                                                              args.max_new_tokens)
+                    report["throughput"] = measure_throughput(
+                        direct, base_url, samples[: args.requests], args.concurrency, args.max_new_tokens)
         if args.throughput_server == "process":
             env = {f"EAS_{k.upper()}": str(v) for k, v in limits.items()}
             env |= {"EAS_MODEL_PATH": str(model_dir), "EAS_LOAD_BASELINE": "false", "EAS_DEVICE": args.device,
                     "EAS_DTYPE": args.dtype, "EAS_MAX_BATCH_WAIT_MS": str(args.batch_wait_ms)}
             with server_process(env) as base_url:
-                report["throughput"] = measure_throughput(http_batch_stats(base_url), direct, base_url,
-                                                          samples[: args.requests], args.concurrency,
-                                                          args.max_new_tokens)
+                report["throughput"] = measure_throughput(
+                    direct, base_url, samples[: args.requests], args.concurrency, args.max_new_tokens)
         report["throughput"] |= {"batch_wait_ms": args.batch_wait_ms, "server": args.throughput_server}
     print_report(report)
     if args.json_out:

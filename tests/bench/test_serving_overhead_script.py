@@ -30,8 +30,7 @@ def test_throughput_against_a_server_process(tiny_model_dir: Path) -> None:
     direct = load_model(tiny_model_dir, device="cpu")
     with bench.server_process(env, ready_timeout_s=120) as base_url:
         assert base_url.startswith("http://127.0.0.1:")
-        stats = bench.http_batch_stats(base_url)
-        report = bench.measure_throughput(stats, direct, base_url, samples, concurrency=4, max_new_tokens=4)
+        report = bench.measure_throughput(direct, base_url, samples, concurrency=4, max_new_tokens=4)
     assert report["sequential_answers_equal_unbatched"] == report["concurrent_answers_equal_unbatched"] == 12
     assert report["mean_batch_size_sequential"] == pytest.approx(1.0)
     assert report["mean_batch_size_concurrent"] > 1.0  # the 20 ms window did gather concurrent requests
