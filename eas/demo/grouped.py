@@ -41,12 +41,9 @@ def shared_prefix_length(split: Split, image_token_id: int) -> int:
 
 
 def grouped_loss(model: nn.Module, data: EasyVQATensors, split: Split, groups: list[tuple[int, list[int]]],
-                 prefix_length: int, pad_id: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-    """Mean cross-entropy over answer and EOS tokens of all rows in `groups` ((image, rows) pairs).
-
-    Returns the loss, the rows in batch order, and for each row whether its first answer token is the
-    greedy choice (the harness's exact match for one-token answers).
-    """
+                 prefix_length: int, pad_id: int) -> tuple[torch.Tensor, list[int]]:
+    """Mean cross-entropy over answer and EOS tokens of all rows in `groups` ((image, rows) pairs), and
+    the rows in batch order."""
     images = torch.tensor([image for image, _ in groups])
     prefix = torch.tensor(split.question_ids[groups[0][1][0]][:prefix_length]).expand(len(groups), prefix_length)
     cache = model.model(input_ids=prefix, pixel_values=data.pixels[images], use_cache=True).past_key_values
@@ -64,13 +61,9 @@ def grouped_loss(model: nn.Module, data: EasyVQATensors, split: Split, groups: l
     logits = model.lm_head(hidden)
 
     labels = torch.full((len(rows), width), IGNORE_INDEX)
-    first = torch.empty(len(rows), dtype=torch.long)  # where the first answer token is predicted
     for k, row in enumerate(rows):
-        start = len(split.question_ids[row]) - prefix_length - 1
+        start = len(split.question_ids[row]) - prefix_length - 1  # where the first answer token is predicted
         answer = split.answer_ids[row]
         labels[k, start : start + len(answer)] = torch.tensor(answer)
-        first[k] = start
     loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-    picked = torch.arange(len(rows))
-    correct = logits[picked, first].argmax(-1) == labels[picked, first]
-    return loss, rows, correct
+    return loss, rows

@@ -131,7 +131,7 @@ def train_default_model(out: Path, cfg: TrainConfig | None = None, geometry: Lla
         groups, queue = queue[: cfg.images_per_step], queue[cfg.images_per_step :]
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
-        loss, _, _ = grouped_loss(model, data, data.train, groups, prefix, pad)
+        loss, _ = grouped_loss(model, data, data.train, groups, prefix, pad)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
