@@ -15,7 +15,7 @@ COPY pyproject.toml README.md ./
 COPY eas ./eas
 COPY service ./service
 COPY model_store ./model_store
-# torch first and pinned; torchvision is never installed (see transformers-notes).
+# torch first and pinned; torchvision is never installed (docs/transformers-notes.md §1).
 RUN pip install torch==2.13.0 && pip install .
 
 FROM ${BASE_IMAGE} AS runtime
