@@ -195,15 +195,16 @@ async def _run_clients(base_url: str, samples: list[Sample], concurrency: int,
 
 
 def batch_stats(base_url: str) -> tuple[float, float]:
-    """(sum, count) of the eas variant's batch sizes so far, scraped from the server's GET /metrics (the
-    same for a server in this process or in its own)."""
+    """(sum, count) of the served variant's batch sizes so far, scraped from the server's GET /metrics (the
+    same for a server in this process or in its own). The server serves one directory alone, labelled by
+    what it is (`eas` if converted, `baseline` if not: service/runner/resolve.py), so every variant counts."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{base_url}/metrics", trust_env=False, timeout=30).text
     found = {"eas_batch_size_sum": 0.0, "eas_batch_size_count": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in found and sample.labels.get("variant") == "eas":
+            if sample.name in found:
                 found[sample.name] += sample.value
     return found["eas_batch_size_sum"], found["eas_batch_size_count"]
 

@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     model_store: Path = Field(Path("var/store"), description="Model store root (EAS_MODEL_STORE).")
     model: str | None = Field(None, description="Model name in the store; default: the store's default.")
     model_path: Path | None = Field(
-        None, description="Serve this directory as variant `eas`, bypassing the store (tests, benchmarks)."
+        None, description="Serve this directory, bypassing the store (tests, benchmarks): as variant `eas` if it "
+                          "is EAS-converted, else as `baseline` (service/runner/resolve.py)."
     )
     baseline_path: Path | None = Field(
         None, description="With EAS_MODEL_PATH: serve this directory as variant `baseline`."

@@ -17,6 +17,8 @@ import pytest
 from PIL import Image, ImageDraw
 from transformers.utils import logging as hf_logging
 
+from eas.bench.skips import bench_plan
+from eas.bench.variants import convert_and_save
 from eas.model.loading import LoadedModel
 from eas.model.manifest import write_manifest
 from eas.zoo.llava import build_llava
@@ -42,16 +44,17 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> ModelDirs:
+    """`eas`: a seed-0 tiny LLaVA EAS-converted (layer 3 skipped, folded), as `eas convert` writes it, since
+    only a converted directory is served as `eas` (service/runner/resolve.py); `baseline`: a plain seed-1 one."""
     root = tmp_path_factory.mktemp("models")
-    dirs = {}
-    for variant, seed in (("eas", 0), ("baseline", 1)):
-        model, processor = build_llava(seed=seed)
-        path = root / f"tiny-{variant}"
-        model.save_pretrained(path)
-        processor.save_pretrained(path)
-        write_manifest(path)
-        dirs[variant] = path
-    return ModelDirs(**dirs)
+    model, processor = build_llava(seed=0)
+    eas = convert_and_save(model, processor, bench_plan(4, count=1), root / "tiny-eas")
+    model, processor = build_llava(seed=1)
+    baseline = root / "tiny-baseline"
+    model.save_pretrained(baseline)
+    processor.save_pretrained(baseline)
+    write_manifest(baseline)
+    return ModelDirs(eas=eas, baseline=baseline)
 
 
 def make_settings(dirs: ModelDirs, **overrides: Any) -> Settings:
