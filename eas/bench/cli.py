@@ -81,6 +81,10 @@ def bench_command(
         validate(options)
     except (BenchSetupError, ValueError) as exc:  # a bad combination of options: nothing has run yet
         _fail(str(exc))
+    if store is not None:  # benchmarking never creates (and seeds) a store at a mistyped path
+        from eas.cli_common import require_store
+
+        require_store(store, create=False, offers_create=False)
     try:
         run_bench(options)
     except BenchSetupError as exc:  # e.g. a store version that is not there: found before any measurement

@@ -1,8 +1,11 @@
 """`eas convert`: the command-line face of `eas.conversion.pipeline.convert`.
 
 Every option maps one-to-one onto a `ConversionRequest` field, so the CLI and the admin job run the same
-conversion. Errors are printed as one clear message (exit 2 for a bad request or dataset, 1 for a failed
-conversion, 130 when interrupted); nothing is written in any of those cases.
+conversion. Errors are printed as one clear message (exit 2 for a bad request, dataset, store or model
+name, 1 for a failed conversion, 130 when interrupted); nothing is written in any of those cases. `--store`
+must be an existing model store unless `--create-store` is given (then it is created and seeded with the
+embedded model), so a mistyped path never starts a conversion in a new store. Only typer and the standard
+library are imported at module level: `eas --help` imports this module (eas/cli.py).
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydantic import ValidationError
 
-from eas.conversion.data import EASY_VQA, DatasetError
+from eas.cli_common import EASY_VQA, require_store, store_exists
 from eas.conversion.errors import Cancelled, ConversionFailed
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 def _fail(message: str, code: int) -> None:
@@ -33,7 +38,7 @@ def _validation_message(exc: ValidationError) -> str:
 
 
 def convert_command(
-    store: Annotated[Path, typer.Option(help="model store directory")],
+    store: Annotated[Path, typer.Option(help="model store directory (must exist; see --create-store)")],
     model: Annotated[str, typer.Option(help="model name in the store")],
     dataset: Annotated[str, typer.Option(help=f"'{EASY_VQA}' or a JSONL file of {{image, question, answer}}")]
     = EASY_VQA,
@@ -59,10 +64,15 @@ def convert_command(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's; 1 is often faster on "
                                                      "a CPU shared with other work)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the full result as JSON")] = False,
+    create_store: Annotated[bool, typer.Option("--create-store", help="create --store (seeded with the embedded "
+                                                                      "model) if it does not exist")] = False,
 ) -> None:
     """Convert a stored model: choose the attention layers to skip, train the adapters, fold, evaluate, store."""
+    from pydantic import ValidationError
+
+    from eas.conversion.data import DatasetError
     from eas.conversion.pipeline import ConversionRequest, ProgressEvent, convert  # torch only when running
-    from model_store import StoreError
+    from model_store import ModelStore, NotFound, StoreError
 
     search = {} if search_steps is None else {"steps": search_steps}
     try:
@@ -75,6 +85,12 @@ def convert_command(
         )
     except ValidationError as exc:
         _fail(_validation_message(exc), 2)
+    require_store(store, create=create_store)
+    if store_exists(store):  # a wrong model or version is a bad argument, refused before the dataset is read
+        try:
+            ModelStore(store).get_version(model, version)
+        except NotFound as exc:
+            _fail(str(exc), 2)
 
     def show(event: ProgressEvent) -> None:
         if " step " in event.message and event.stage_fraction < 1.0:

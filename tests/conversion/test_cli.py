@@ -21,8 +21,8 @@ def test_bad_dataset_lists_line_numbers(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "a.png", "question": "q", "answer": "a"}\n[]\n')
     result = _run("--store", str(tmp_path / "s"), "--model", "tiny", "--dataset", str(bad), "--criterion", "deepest",
-                  "--skip-count", "1")
-    assert result.exit_code == 2
+                  "--skip-count", "1", "--create-store")
+    assert result.exit_code == 2 and not (tmp_path / "s").exists()  # the dataset is refused before the store opens
     assert "line 1: image file not found: a.png" in result.output
     assert "line 2: expected a JSON object" in result.output
 
@@ -37,7 +37,7 @@ def test_request_errors_are_clear(tmp_path: Path) -> None:
 def test_unknown_model_is_a_clear_error(tiny_store: ModelStore, shapes_jsonl: Path) -> None:
     result = _run("--store", str(tiny_store.root), "--model", "nope", "--dataset", str(shapes_jsonl),
                   "--criterion", "deepest", "--skip-count", "1", *FAST)
-    assert result.exit_code == 1 and "error:" in result.output and "nope" in result.output
+    assert result.exit_code == 2 and "error:" in result.output and "nope" in result.output  # a bad argument
 
 
 def test_convert_prints_a_summary_and_stores_the_version(tiny_store: ModelStore, shapes_jsonl: Path) -> None:
