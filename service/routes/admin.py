@@ -1,4 +1,4 @@
-"""Admin API: conversion jobs and model versions (serving-conventions §6, §7).
+"""Admin API: conversion jobs, model imports and versions (serving-conventions §6, §7).
 
 Every route needs the admin bearer token (403 while none is configured, 401 with a wrong one). Jobs are
 rows in the model store, run by worker processes (service/jobs/supervisor.py); activation loads and
@@ -14,16 +14,18 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import ValidationError
 
 from eas.conversion.data import EASY_VQA
+from eas.model.checkpoint import CheckpointError, CheckpointInfo, check_checkpoint
 from eas.model.manifest import ModelFilesError
-from model_store import JobRecord, ModelStore
+from model_store import JobRecord, ModelStore, VersionInfo
 from model_store import errors as store_errors
+from model_store.versions import is_valid_name
 from service.deps import ServiceDep, require_admin_token
 from service.errors import Conflict, NotFound, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from service.jobs.supervisor import JobSupervisor
 from service.lifecycle import run_in_daemon_thread
 from service.openapi import standalone_schema
 from service.runner.activation import Activator
-from service.validation.admin import ConvertBody, job_params
+from service.validation.admin import ConvertBody, ImportBody, job_params
 from service.validation.requests import is_json, media_type, read_json, validate_model
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_token)])
@@ -152,16 +154,64 @@ async def list_models(admin: AdminDep, service: ServiceDep) -> dict[str, Any]:
     return {"models": models, "default": store.default_model(), "served": served}
 
 
-@router.post("/models/{name}/versions/{version}/activate")
-async def activate_version(name: str, version: str, admin: AdminDep, service: ServiceDep) -> dict[str, Any]:
-    """Load and warm the version beside the current one, swap atomically, then mark it active.
-    A missing or corrupted version is refused and the current model keeps serving."""
-    service.check_accepting()
+_IMPORT_BODY = {"content": {"application/json": {"schema": standalone_schema(ImportBody)}}, "required": True}
+
+
+def _import_checkpoint(store: ModelStore, name: str, path: Path) -> tuple[VersionInfo, CheckpointInfo]:
+    """Check the directory (eas.model.checkpoint), then copy it in as a baseline version; 422 naming the
+    problem otherwise, with nothing written."""
+    try:
+        checked = check_checkpoint(path)
+    except CheckpointError as exc:
+        raise _unprocessable(str(exc), "path") from exc
+    metadata = {"source": "import", "imported_from": str(path), **checked.to_metadata()}
+    try:
+        info = store.import_directory(name, path, kind="baseline", metadata=metadata)
+    except ModelFilesError as exc:  # the directory's own checksum manifest does not match its files
+        raise _unprocessable(str(exc), "path") from exc
+    except store_errors.InvalidName as exc:
+        raise _unprocessable(str(exc), "name") from exc
+    return info, checked
+
+
+@router.post("/models/{name}/versions", status_code=201, openapi_extra={"requestBody": _IMPORT_BODY})
+async def import_version(name: str, request: Request, admin: AdminDep, service: ServiceDep) -> dict[str, Any]:
+    """Import a checkpoint directory on the server as the next baseline version of `name` (201), after the
+    same checks as `eas import`; with `"activate": true`, hot-activate it. A directory that is missing, of
+    an unsupported class, without a processor or with unreadable weights → 422 naming the problem."""
+    media = media_type(request)
+    if media and not is_json(media):
+        raise UnsupportedMediaType("Content-Type must be application/json")
+    body: Any = validate_model(ImportBody, await read_json(request))
+    if not is_valid_name(name):
+        raise _unprocessable(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (not starting "
+                             "with '.')", "name")
+    path = Path(body.path)
+    if not path.is_absolute():
+        raise _unprocessable(f"path {body.path!r} must be absolute (a directory on the server)", "path")
+    if body.activate:
+        service.check_accepting()
+    info, checked = await run_in_daemon_thread(_import_checkpoint, admin.store, name, path)
+    view: dict[str, Any] = {"version": info.to_dict(), "checkpoint": checked.to_metadata(),
+                            "links": {"activate": f"/admin/models/{name}/versions/{info.version}/activate"}}
+    if body.activate:
+        view["serving"] = await _activate(admin, name, info.version)
+    return view
+
+
+async def _activate(admin: AdminState, name: str, version: str) -> list[dict[str, str]]:
     try:
         infos = await admin.activator.activate(name, version)
     except store_errors.NotFound as exc:
         raise NotFound(str(exc), code="version_not_found") from exc
     except ModelFilesError as exc:
         raise Conflict(f"{name}:{version} cannot be served: {exc}", code="version_corrupted") from exc
-    return {"activated": f"{name}:{version}",
-            "serving": [{"variant": i.variant, "model": i.model, "version": i.version} for i in infos]}
+    return [{"variant": i.variant, "model": i.model, "version": i.version} for i in infos]
+
+
+@router.post("/models/{name}/versions/{version}/activate")
+async def activate_version(name: str, version: str, admin: AdminDep, service: ServiceDep) -> dict[str, Any]:
+    """Load and warm the version beside the current one, swap atomically, then mark it active.
+    A missing or corrupted version is refused and the current model keeps serving."""
+    service.check_accepting()
+    return {"activated": f"{name}:{version}", "serving": await _activate(admin, name, version)}

@@ -1,8 +1,11 @@
-"""The body of POST /admin/convert: the conversion parameters a submitter may choose.
+"""Bodies of the admin routes that take one.
 
-It is ConversionRequest (eas/conversion/pipeline.py) less the fields the server owns (store location,
-output directory, progress bar); every field keeps its type, default and description, so the OpenAPI
-schema documents the conversion knobs. `activate` is kept: the server acts on it after the job succeeds.
+POST /admin/models/{name}/versions (`ImportBody`): a server-side directory to import as a baseline version.
+
+POST /admin/convert (`ConvertBody`): the conversion parameters a submitter may choose. It is ConversionRequest
+(eas/conversion/pipeline.py) less the fields the server owns (store location, output directory, progress bar);
+every field keeps its type, default and description, so the OpenAPI schema documents the conversion knobs.
+`activate` is kept: the server acts on it after the job succeeds.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from eas.conversion.pipeline import ConversionRequest
 
@@ -25,6 +28,18 @@ ConvertBody: type[BaseModel] = create_model(  # type: ignore[call-overload]
 )
 
 
+class ImportBody(BaseModel):
+    """Import a `save_pretrained` directory on the server's filesystem as the next baseline version of the
+    model named in the URL (see docs/admin.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=4096,
+                      description="Absolute path of the checkpoint directory, as the server process sees it.")
+    activate: bool = Field(False, description="Hot-activate the new version after the import (load, warm, swap), "
+                                              "as POST /admin/models/{name}/versions/{version}/activate does.")
+
+
 def job_params(body: BaseModel, store_root: Path) -> dict[str, Any]:
     """Validate the whole request as the worker will (cross-field rules included) and return the
     parameters to store with the job: only what the submitter set, so equal bodies hash equally."""
@@ -33,4 +48,4 @@ def job_params(body: BaseModel, store_root: Path) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in ("model", "version")}
 
 
-__all__ = ["ConvertBody", "ValidationError", "job_params"]
+__all__ = ["ConvertBody", "ImportBody", "ValidationError", "job_params"]

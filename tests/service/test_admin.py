@@ -1,10 +1,13 @@
 """Admin API: auth on every route, conversion jobs end to end in worker processes, validation and
-conflicts, cancel, refusal of a corrupted version, and hot activation under continuous traffic."""
+conflicts, cancel, refusal of a corrupted version, hot activation under continuous traffic, and importing a
+checkpoint directory (with each refusal naming its problem)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -32,6 +35,7 @@ ROUTES = [
     ("DELETE", "/admin/jobs/some-id", None),
     ("GET", "/admin/models", None),
     ("POST", "/admin/models/tiny/versions/v1/activate", None),
+    ("POST", "/admin/models/tiny/versions", {"path": "/nonexistent"}),
 ]
 
 
@@ -180,7 +184,7 @@ async def test_corrupted_version_is_refused_and_current_model_keeps_serving(
     store_root: Path, model_dirs: ModelDirs
 ) -> None:
     store = ModelStore(store_root)
-    bad = store.import_directory("tiny", model_dirs.eas, kind="baseline")
+    bad = store.import_directory("tiny", model_dirs.baseline, kind="baseline")
     weights = bad.path / "model.safetensors"
     os.chmod(weights, stat.S_IRUSR | stat.S_IWUSR)
     data = bytearray(weights.read_bytes())
@@ -194,3 +198,81 @@ async def test_corrupted_version_is_refused_and_current_model_keeps_serving(
         unknown = await client.post("/admin/models/tiny/versions/v99/activate", headers=AUTH)
         assert unknown.status_code == 404
     assert ModelStore(store_root).active("tiny").version == "v1"
+
+
+# --- POST /admin/models/{name}/versions: import a checkpoint directory -------------------------------------
+
+
+def damaged_copy(source: Path, target: Path, damage) -> Path:
+    shutil.copytree(source, target)
+    damage(target)
+    return target
+
+
+def as_bert(directory: Path) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config["architectures"], config["model_type"] = ["BertModel"], "bert"
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def truncate_weights(directory: Path) -> None:
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+
+
+async def test_import_adds_a_baseline_version_and_can_hot_activate_it(store_root: Path, tiny_model_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    user_dir = damaged_copy(tiny_model_dir, tmp_path / "my-llava", lambda d: None)
+    async with running_app(store_settings(store_root)) as (_app, client):
+        created = await client.post("/admin/models/mine/versions", json={"path": str(user_dir)}, headers=AUTH)
+        assert created.status_code == 201, created.text
+        body = created.json()
+        assert (body["version"]["name"], body["version"]["version"], body["version"]["kind"]) == ("mine", "v1",
+                                                                                                  "baseline")
+        assert body["version"]["metadata"]["imported_from"] == str(user_dir)
+        assert body["checkpoint"]["model_class"] == "LlavaForConditionalGeneration"
+        assert body["links"]["activate"] == "/admin/models/mine/versions/v1/activate"
+
+        again = await client.post("/admin/models/tiny/versions", json={"path": str(user_dir), "activate": True},
+                                  headers=AUTH)
+        assert again.status_code == 201, again.text
+        assert again.json()["serving"] == [{"variant": "baseline", "model": "tiny", "version": "v2"}]
+        answer = await client.post("/v1/answer", **multipart(image_bytes(), "what color?"))
+        assert answer.status_code == 200 and answer.json()["version"] == "v2"
+    store = ModelStore(store_root)
+    assert [v.version for v in store.list_versions("mine")] == ["v1"]
+    assert store.active("tiny").version == "v2" and store.get_version("tiny", "v2").kind == "baseline"
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (as_bert, "unsupported model class BertModel"),
+    (lambda d: (d / "processor_config.json").unlink(), "no processor"),
+    (truncate_weights, "weights file model.safetensors is unreadable"),
+    (lambda d: None, "not a directory"),  # the path names a file inside the directory, below
+    (lambda d: None, "no such directory"),
+], ids=["bad-class", "no-processor", "unreadable-weights", "not-a-directory", "missing"])
+async def test_import_refusals_name_the_problem_and_write_nothing(store_root: Path, tiny_model_dir: Path,
+                                                                 tmp_path: Path, damage, needle: str) -> None:
+    directory = damaged_copy(tiny_model_dir, tmp_path / "model", damage)
+    path = {"not a directory": directory / "config.json", "no such directory": tmp_path / "gone"}.get(needle,
+                                                                                                   directory)
+    async with running_app(store_settings(store_root)) as (_app, client):
+        response = await client.post("/admin/models/mine/versions", json={"path": str(path)}, headers=AUTH)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "path" and needle in error["message"] and str(path) in error["message"]
+    assert ModelStore(store_root).list_models() == ["tiny"]
+
+
+async def test_import_request_errors(store_root: Path, tiny_model_dir: Path) -> None:
+    async with running_app(store_settings(store_root)) as (_app, client):
+        relative = await client.post("/admin/models/mine/versions", json={"path": "models/mine"}, headers=AUTH)
+        bad_name = await client.post("/admin/models/.mine/versions", json={"path": str(tiny_model_dir)},
+                                     headers=AUTH)
+        extra = await client.post("/admin/models/mine/versions", json={"path": str(tiny_model_dir), "kind": "x"},
+                                  headers=AUTH)
+        not_json = await client.post("/admin/models/mine/versions", content=b"path=x", headers=AUTH)
+    assert relative.status_code == 422 and "must be absolute" in relative.json()["error"]["message"]
+    assert bad_name.status_code == 422 and bad_name.json()["error"]["param"] == "name"
+    assert extra.status_code == 422 and not_json.status_code in (400, 415)
+    assert ModelStore(store_root).list_models() == ["tiny"]
