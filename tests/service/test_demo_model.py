@@ -42,3 +42,41 @@ async def test_demo_model_answers_colour_questions_over_both_content_types() -> 
             right += multipart.json()["answer"] == answer
         # The model names colours right 98% of the time on the test split (docs/default-model.md).
         assert right >= len(cases) - 1
+
+
+async def test_a_fresh_store_serves_the_shipped_conversion_beside_its_baseline(tmp_path: Path) -> None:
+    """What `make serve` does on a fresh clone: the store seeds the embedded model and its shipped EAS
+    conversion, and the service answers with `eas` by default, its skipped layers in /info, the baseline
+    beside it; `/v1/models` lists the default first."""
+    settings = Settings(model_store=tmp_path / "store", device="cpu", dtype="fp32", api_token=None,
+                        admin_token=None)
+    async with running_app(settings) as (_app, client):
+        info = (await client.get("/info")).json()
+        assert info["default_variant"] == "eas"
+        by_name = {v["variant"]: v for v in info["variants"]}
+        assert by_name["eas"]["kind"] == "converted" and by_name["eas"]["skipped_layers"]
+        assert by_name["eas"]["parent"] == f"{by_name['baseline']['model']}:{by_name['baseline']['version']}"
+        assert by_name["baseline"]["skipped_layers"] == []
+        models = (await client.get("/v1/models")).json()["data"]
+        assert [m["id"] for m in models] == ["eas", "baseline"]
+        right = 0
+        cases = _colour_questions()
+        for png, answer in cases:
+            response = await client.post("/v1/answer", files={"image": ("q.png", png, "image/png")},
+                                         data={"question": "what color is the shape?"})
+            assert response.status_code == 200 and response.json()["variant"] == "eas"
+            right += response.json()["answer"] == answer
+        assert right >= len(cases) - 1
+
+
+def test_the_shipped_conversion_was_made_from_the_shipped_baseline() -> None:
+    """Its plan's source fingerprint is the shipped baseline's, so the pair served side by side is a model
+    and its own conversion (a retrained baseline without a fresh conversion fails here)."""
+    from eas.model.loading import load_model
+    from eas.model.plan import SkipPlan, model_fingerprint
+
+    converted = EMBEDDED.with_name(EMBEDDED.name + "-eas")
+    plan = SkipPlan.from_json((converted / "plan.json").read_text())
+    baseline = load_model(EMBEDDED, device="cpu")
+    assert plan.fingerprint == model_fingerprint(baseline.model)
+    assert plan.criterion == "eas" and len(plan.skipped) * 2 == plan.num_layers  # 50% skipped
