@@ -148,7 +148,7 @@ class Service:
                  info.model, info.path, runner.device, runner.dtype, t1 - t0, time.perf_counter() - t1)
         s, m = self.settings, self.metrics
         labels = {"model": info.model, "variant": info.variant}
-        batch_size, depth = m.batch_size.labels(**labels), m.queue_depth.labels(**labels)
+        depth = m.queue_depth.labels(**labels)
         m.queue_capacity.labels(**labels).set(s.max_queue_size)
         batcher = Batcher(
             runner.run_batch,
@@ -157,7 +157,7 @@ class Service:
             max_batch_wait_s=s.max_batch_wait_ms / 1000.0,
             max_queue_size=s.max_queue_size,
             queue_full=self._queue_full_error,
-            on_batch=batch_size.observe,
+            on_batch=m.batch_observer(info.model, info.variant),
             on_depth=depth.set,
         )
         return ServedVariant(info=info, runner=runner, batcher=batcher)

@@ -2,8 +2,9 @@
 
 Names carry the `eas_` prefix, base units and `_total` on counters, and never a colon (colons belong to
 recording rules, deploy/prometheus/rules/). Labels are low-cardinality only (`route`, `model`,
-`variant`, `code`, `reason`, `status`, `result`, `outcome`). Every variant shares the same buckets so that
-`histogram_quantile` comparisons between `eas` and `baseline` are valid. Each app owns its own
+`variant`, `code`, `reason`, `status`, `result`, `outcome`, `traffic`, and `batch_size` as at most ten
+classes). Every variant shares the same buckets so that `histogram_quantile` comparisons between `eas` and
+`baseline` are valid. Each app owns its own
 `CollectorRegistry` (several apps in one process, as in tests, must not collide).
 
 docs/observability.md has the table of every family, what each phase histogram covers, and the rules and
@@ -12,8 +13,9 @@ dashboard built on them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,6 +26,9 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+
+if TYPE_CHECKING:  # type hints only: the batching layer imports nothing from here at run time
+    from service.batching.work import Generation, WorkItem
 
 # Dense where an attention-skipping speed-up shows (tens to hundreds of ms).
 REQUEST_BUCKETS: tuple[float, ...] = (
@@ -36,13 +41,29 @@ QUEUE_BUCKETS: tuple[float, ...] = (
     5.0, 10.0, 30.0, 60.0,
 )
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
-IMAGE_BYTES_BUCKETS: tuple[float, ...] = tuple(16 * 1024 * 4**i for i in range(7))  # 16 KiB .. 64 MiB
+# Encoded images range from a few hundred bytes (small PNGs) to the body limit (16 MiB by default): powers
+# of two from 256 B to 64 MiB, so a quantile lands within a factor of two of the real size. (Buckets that
+# began at 16 KiB put every small image in the first bucket, whose p50 always interpolates to 8192 B.)
+IMAGE_BYTES_BUCKETS: tuple[float, ...] = tuple(float(256 * 2**i) for i in range(19))  # 256 B .. 64 MiB
 # Conversions take minutes to hours.
 JOB_BUCKETS: tuple[float, ...] = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # The model phases a generation is split into (service/runner/phases.py says what each covers).
 PHASES: tuple[str, ...] = ("vision_encoder", "prefill", "decode")
+
+# `traffic` of a batch: `live` holds client requests only; `shadow` holds at least one mirrored request
+# (service/shadow.py), which made the batch bigger than real traffic alone would have.
+LIVE, SHADOW = "live", "shadow"
+
+
+def batch_size_class(size: int) -> str:
+    """The `batch_size` label of a batch: exact up to 4 (where most batches are), then power-of-two ranges
+    "5-8", "9-16", ... "129-256": at most 10 values for the largest `EAS_MAX_BATCH_SIZE` (256)."""
+    if size <= 4:
+        return str(size)
+    upper = 1 << (size - 1).bit_length()
+    return f"{upper // 2 + 1}-{upper}"
 
 
 class Metrics:
@@ -100,11 +121,21 @@ class Metrics:
         self._phase_histograms = {"vision_encoder": self.vision_encoder_duration,
                                   "prefill": self.prefill_duration, "decode": self.decode_duration}
 
+        # The like-for-like comparison of the variants (docs/observability.md, "What the speedup compares"):
+        # one observation per executed batch, so batches of different sizes are never mixed.
+        self.batch_inference_duration = Histogram(
+            "eas_batch_inference_duration_seconds",
+            "Generation plus detokenisation time of each executed batch, by batch size (class) and traffic "
+            "(live: client requests only; shadow: holds a mirrored request).",
+            ("model", "variant", "batch_size", "traffic"), buckets=request_buckets, registry=r)
+
         # --- batching and load ------------------------------------------------------------------------
-        self.batch_size = Histogram("eas_batch_size", "Requests per executed batch.", mv,
-                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
-        self.image_bytes = Histogram("eas_image_bytes", "Encoded image size.", mv,
-                                     buckets=IMAGE_BYTES_BUCKETS, registry=r)
+        self.batch_size = Histogram("eas_batch_size",
+                                    "Requests per executed batch of live traffic (batches holding a mirrored "
+                                    "request are left out).", mv, buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.image_bytes = Histogram("eas_image_bytes", "Size of the request's encoded image (as uploaded, "
+                                     "after base64 decoding), in bytes.", mv, buckets=IMAGE_BYTES_BUCKETS,
+                                     registry=r)
         self.queue_depth = Gauge("eas_queue_depth", "Requests admitted and not yet started.", mv, registry=r)
         self.queue_capacity = Gauge("eas_queue_capacity", "Queue size beyond which requests are refused.",
                                     mv, registry=r)
@@ -146,6 +177,22 @@ class Metrics:
         for phase, seconds in phases.items():
             self._phase_histograms[phase].labels(model, variant).observe(seconds)
         self.generated_tokens.labels(model, variant).inc(completion_tokens)
+
+    def batch_observer(self, model: str, variant: str) -> Callable[[list[WorkItem], list[Generation]], None]:
+        """The batcher's per-batch callback for one variant (called on its worker thread, before the batch's
+        requests are answered): the batch's model time by size and traffic, and the live batch sizes."""
+        sizes = self.batch_size.labels(model, variant)
+
+        def observe(items: list[WorkItem], generations: list[Generation]) -> None:
+            mirrored = any(item.shadow for item in items)
+            # Every row of a batch carries the batch's time; one observation per batch.
+            self.batch_inference_duration.labels(
+                model, variant, batch_size_class(len(items)), SHADOW if mirrored else LIVE,
+            ).observe(generations[0].inference_s)
+            if not mirrored:
+                sizes.observe(len(items))
+
+        return observe
 
     def observe_conversion_job(self, status: str, started_at: str | None, finished_at: str | None) -> None:
         """A job reached `status`; its run time is observed when it ever started (a queued job cancelled

@@ -8,6 +8,9 @@ path, to compare the two variants on the same live inputs (serving-conventions Â
   is not counted in `eas_requests_total` / `eas_request_duration_seconds`.
 - Mirroring is suspended while the baseline queue holds `shadow_max_queue_depth` requests (or is closed
   or draining): shadow work may add at most that much queueing to real baseline traffic.
+- Mirrored items are marked (`WorkItem.shadow`): a baseline batch holding one is labelled
+  `traffic="shadow"` in `eas_batch_inference_duration_seconds` and left out of `eas_batch_size`, so the
+  mirrors never pass for real baseline traffic in the live comparison (docs/observability.md).
 - Recorded: the baseline's generation time in `eas_shadow_inference_duration_seconds`, answer agreement
   in `eas_shadow_agreement_total{result="match|mismatch"}`, and every sampled request's fate in
   `eas_shadow_requests_total{outcome}`.
@@ -97,7 +100,7 @@ class ShadowMirror:
         loop = asyncio.get_running_loop()
         shadow = WorkItem(image=item.image, question=item.question, max_new_tokens=item.max_new_tokens,
                           deadline=time.monotonic() + self.deadline_s, loop=loop, future=loop.create_future(),
-                          request_id=f"{item.request_id}.shadow" if item.request_id else None)
+                          request_id=f"{item.request_id}.shadow" if item.request_id else None, shadow=True)
         try:
             admission = batcher.admit()
         except ServiceError:  # full or closing: real traffic comes first

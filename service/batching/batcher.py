@@ -25,6 +25,8 @@ from service.errors import DeadlineExceeded, ServiceError, ServiceUnavailable
 log = logging.getLogger("service.batching")
 
 BatchFn = Callable[[list[WorkItem]], list[Generation]]
+# Told about every batch that ran, with its requests and results, before they are answered (metrics).
+BatchObserver = Callable[[list[WorkItem], list[Generation]], None]
 
 
 class InferenceFailed(ServiceError):
@@ -62,7 +64,7 @@ class Batcher:
         max_batch_wait_s: float,
         max_queue_size: int,
         queue_full: Callable[[], ServiceError],
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: BatchObserver | None = None,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
         self.name = name
@@ -219,8 +221,6 @@ class Batcher:
 
     def _execute(self, batch: list[WorkItem]) -> None:
         try:
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
             generations = self._run_batch(batch)
             if len(generations) != len(batch):
                 raise RuntimeError(f"runner returned {len(generations)} results for {len(batch)} requests")
@@ -230,6 +230,11 @@ class Batcher:
             for item in batch:
                 item.fail(InferenceFailed("inference failed; see the server log for this request id"))
         else:
+            if self._on_batch is not None:
+                try:  # a metrics problem must never fail requests whose answers exist
+                    self._on_batch(batch, generations)
+                except Exception:
+                    log.exception("batcher %s: batch observer failed", self.name)
             for item, generation in zip(batch, generations, strict=True):
                 assert item.started_at is not None
                 item.resolve(Completed(generation, queue_s=item.started_at - item.enqueued_at))

@@ -43,6 +43,8 @@ class WorkItem:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Completed]
     request_id: str | None = None
+    # A mirrored request (service/shadow.py): answered to nobody; its batch is labelled traffic="shadow".
+    shadow: bool = False
     enqueued_at: float = 0.0
     started_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)

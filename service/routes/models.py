@@ -8,8 +8,17 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from service.deps import ServiceDep, require_api_token
+from service.lifecycle import Service
+from service.runner.registry import ServedVariant
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_token)])
+
+
+def default_first(service: Service) -> list[ServedVariant]:
+    """Served variants, the default one first: OpenAI clients commonly take the first listed model, and
+    that must be what a request without a variant gets (not whichever variant happened to load first)."""
+    default = service.registry.default_variant
+    return sorted(service.registry.all(), key=lambda s: s.variant != default)  # stable: others keep their order
 
 
 @router.get("/v1/models")
@@ -27,7 +36,7 @@ async def list_models(service: ServiceDep) -> JSONResponse:
         "variant": s.variant,
         "kind": s.info.kind,
         "default": s.variant == default,
-    } for s in service.registry.all()]
+    } for s in default_first(service)]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -38,7 +47,7 @@ async def info(service: ServiceDep) -> JSONResponse:
         "variant": v.variant, "model": v.info.model, "version": v.info.version, "kind": v.info.kind,
         "parent": v.info.parent, "device": v.runner.device, "dtype": v.runner.dtype,
         "skipped_layers": list(v.runner.skipped_layers),
-    } for v in service.registry.all()]
+    } for v in default_first(service)]
     return JSONResponse({
         "phase": service.phase.value,
         "default_variant": service.registry.default_variant,
