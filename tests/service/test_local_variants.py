@@ -33,12 +33,12 @@ def test_a_converted_model_path_is_eas_with_its_baseline(model_dirs: ModelDirs) 
 
 
 def test_two_baselines_and_bad_directories_are_refused(model_dirs: ModelDirs, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="is not EAS-converted .* EAS_BASELINE_PATH cannot name a second baseline"):
+    with pytest.raises(ValueError, match=r"is not EAS-converted .* EAS_BASELINE_PATH cannot name a second baseline"):
         labels(model_path=model_dirs.baseline, baseline_path=model_dirs.baseline)
-    with pytest.raises(FileNotFoundError, match="EAS_MODEL_PATH .* is not a directory"):
+    with pytest.raises(FileNotFoundError, match=r"EAS_MODEL_PATH .* is not a directory"):
         labels(model_path=tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="EAS_MODEL_PATH: .*config.json is missing"):
+    with pytest.raises(ValueError, match=r"EAS_MODEL_PATH: .*config\.json is missing"):
         labels(model_path=tmp_path / "empty")
 
 
