@@ -6,16 +6,18 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from contextlib import AbstractContextManager
 
 import pytest
 
 from eas.bench.compare import CompareError, compare, easy_vqa_questions, render
 from service.app import create_app
-from service.server import background_server
+from service.server import DrainingServer, background_server
+from service.settings import Settings
 from tests.service.conftest import ModelDirs, make_settings
 
 
-def _serve(settings):  # noqa: ANN001, ANN202 - context manager passthrough
+def _serve(settings: Settings) -> AbstractContextManager[tuple[str, DrainingServer]]:
     return background_server(create_app(settings))
 
 
