@@ -29,7 +29,7 @@ from service.runner.resolve import resolve_variants
 from service.settings import Settings
 from service.shadow import ShadowMirror
 
-log = logging.getLogger("service")
+log = logging.getLogger(__name__)
 
 
 @asynccontextmanager

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-log = logging.getLogger("service.errors")
+log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):

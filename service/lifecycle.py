@@ -31,7 +31,7 @@ from service.runner.threads import ThreadBudget
 from service.settings import Settings
 from service.validation.images import ImageLimits
 
-log = logging.getLogger("service.lifecycle")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Loader = Callable[[VariantInfo, Settings], LoadedModel]

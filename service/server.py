@@ -24,7 +24,7 @@ from fastapi import FastAPI
 
 from service.lifecycle import Service
 
-log = logging.getLogger("service.server")
+log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):

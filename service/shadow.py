@@ -33,7 +33,7 @@ from service.metrics import Metrics
 from service.runner.registry import ServedVariant
 from service.settings import Settings
 
-log = logging.getLogger("service.shadow")
+log = logging.getLogger(__name__)
 
 LIVE_VARIANT = "eas"
 SHADOW_VARIANT = "baseline"

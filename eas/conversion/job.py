@@ -27,7 +27,7 @@ from eas.conversion.pipeline import ConversionRequest, ProgressEvent, convert
 from model_store import ModelStore
 from model_store.errors import StoreError
 
-log = logging.getLogger("eas.job")
+log = logging.getLogger(__name__)
 
 # Fields of ConversionRequest that the server decides, never the job's submitter. `activate` is the
 # server's too: it loads and warms the new version and only then marks it active (hot activation), so the

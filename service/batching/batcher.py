@@ -22,7 +22,7 @@ from collections.abc import Callable
 from service.batching.work import Completed, Generation, WorkItem
 from service.errors import DeadlineExceeded, ServiceError, ServiceUnavailable
 
-log = logging.getLogger("service.batching")
+log = logging.getLogger(__name__)
 
 BatchFn = Callable[[list[WorkItem]], list[Generation]]
 # Told about every batch that ran, with its requests and results, before they are answered (metrics).

@@ -27,7 +27,7 @@ from pathlib import Path
 from model_store import JobRecord, ModelStore
 from model_store.errors import StoreError
 
-log = logging.getLogger("eas.jobs")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from model_store import ModelStore
 from service.lifecycle import Service, run_in_daemon_thread
 from service.runner.runner import VariantInfo
 
-log = logging.getLogger("service.activation")
+log = logging.getLogger(__name__)
 
 
 def variants_of(store: ModelStore, name: str, version: str, load_baseline: bool) -> list[VariantInfo]:
