@@ -9,6 +9,7 @@ import torch
 
 from eas.conversion.criteria import (
     CriterionContext,
+    RecoverySettings,
     SearchSettings,
     available,
     candidate_layers,
@@ -16,7 +17,8 @@ from eas.conversion.criteria import (
     top_k,
 )
 from eas.conversion.criteria.baselines import evenly_spaced
-from eas.conversion.data import load_dataset
+from eas.conversion.data import batches, load_dataset, training_batch
+from eas.model.arch import locate_decoder
 from eas.model.plan import model_fingerprint
 from eas.zoo.llava import build_llava
 
@@ -27,11 +29,12 @@ def _context(jsonl: Path, k: int | None, include_layer0: bool = False) -> Criter
     return CriterionContext(
         model=model, processor=processor, num_layers=4, candidates=candidate_layers(4, include_layer0), k=k,
         data=data, calibration_samples=8, batch_size=8,
-        search=SearchSettings(steps=8, n_turn=2, warmup_fraction=0.25, reward_batch_size=4), show_bar=False,
+        search=SearchSettings(steps=8, n_turn=2, warmup_fraction=0.25, reward_batch_size=4),
+        recovery=RecoverySettings(steps=3), show_bar=False,
     )
 
 
-@pytest.mark.parametrize("name", ["eas", "cosine", "kl", "uniform", "deepest"])
+@pytest.mark.parametrize("name", ["eas", "cosine", "kl", "recovery", "uniform", "deepest"])
 def test_each_criterion_returns_a_valid_plan(name: str, shapes_jsonl: Path) -> None:
     ctx = _context(shapes_jsonl, k=2)
     state = {k: v.clone() for k, v in ctx.model.state_dict().items()}
@@ -54,7 +57,7 @@ def test_each_criterion_returns_a_valid_plan(name: str, shapes_jsonl: Path) -> N
 
 
 def test_registry_lists_the_builtin_criteria() -> None:
-    assert {"eas", "cosine", "kl", "uniform", "deepest"} <= set(available())
+    assert {"eas", "cosine", "kl", "recovery", "uniform", "deepest"} <= set(available())
 
 
 def test_scores_without_budget_and_layer0_option(shapes_jsonl: Path) -> None:
@@ -98,3 +101,44 @@ def test_baseline_rules() -> None:
     assert evenly_spaced(16, tuple(range(1, 32))) == tuple(range(1, 32, 2))
     assert evenly_spaced(3, tuple(range(1, 32))) == (6, 16, 26)
     assert top_k([0.0, 0.5, 0.5, 0.1], 1, (1, 2, 3)) == (2,)  # ties go to the deeper layer
+
+
+def _source_with_dead_attention(jsonl: Path, dead: tuple[int, ...]) -> CriterionContext:
+    """A tiny source trained on the shapes data whose layers `dead` have an attention that outputs zero
+    (o_proj zero and frozen during training): skipping those is exactly free, so they are the known
+    recoverable layers; the other layers' attention was trained and the answers depend on it."""
+    ctx = _context(jsonl, k=len(dead))
+    model, processor = ctx.model, ctx.processor
+    for i in dead:
+        locate_decoder(model).layers[i].self_attn.o_proj.weight.data.zero_()
+        locate_decoder(model).layers[i].self_attn.o_proj.weight.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    stream = batches(ctx.data.train, 8, 0)
+    model.train()
+    for _ in range(60):  # a random model's loss is ~log(vocab) whatever is skipped: train it first
+        model(**training_batch(processor, next(stream)), use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval().requires_grad_(False)
+    ctx.lr, ctx.recovery = 1e-2, RecoverySettings(steps=20)
+    return ctx
+
+
+@pytest.mark.parametrize("dead", [(1, 3), (1, 2)])
+def test_recovery_picks_the_layers_whose_skip_is_recoverable(dead: tuple[int, ...], shapes_jsonl: Path) -> None:
+    # Two plantings: the plan follows the planted layers, not depth or index (each is the other's control).
+    result = run_criterion("recovery", _source_with_dead_attention(shapes_jsonl, dead))
+    assert result.plan.skipped == dead
+    recovered = {int(k): v for k, v in result.details["recovered_loss"].items()}
+    untrained = {int(k): v for k, v in result.details["untrained_loss"].items()}
+    assert set(recovered) == set(untrained) == {1, 2, 3}  # every candidate probed, layer 0 not
+    assert result.scores[1:] == tuple(-recovered[i] for i in (1, 2, 3))
+    assert result.scores[0] == min(result.scores[1:])  # a non-candidate is never ranked above a probed layer
+    assert all(recovered[i] < untrained[i] for i in dead)  # the probes trained
+
+
+def test_recovery_needs_held_out_rows(shapes_jsonl: Path) -> None:
+    ctx = _context(shapes_jsonl, k=1)
+    ctx.data.validation = []
+    with pytest.raises(ValueError, match="held-out validation rows"):
+        run_criterion("recovery", ctx)
