@@ -5,7 +5,7 @@ conversion. Errors are printed as one clear message (exit 2 for a bad request, d
 name, 1 for a failed conversion, 130 when interrupted); nothing is written in any of those cases. `--store`
 must be an existing model store unless `--create-store` is given (then it is created and seeded with the
 embedded model), so a mistyped path never starts a conversion in a new store. Only typer and the standard
-library are imported at module level: `eas --help` imports this module (eas/cli.py).
+library are imported at module level: `eas --help` imports this module (eas_tools/cli.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from eas.cli_common import EASY_VQA, require_store, store_exists
 from eas.conversion.errors import Cancelled, ConversionFailed
+from eas_tools.common import EASY_VQA, require_store, store_exists
 
 if TYPE_CHECKING:
     from pydantic import ValidationError

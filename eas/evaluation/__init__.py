@@ -1,6 +1,6 @@
 """Accuracy harness: easy-vqa or JSONL evaluation of any model, and agreement between two models.
 
-The names are loaded on first use (PEP 562), so `eas.evaluation.cli`, which `eas --help` imports, does not
+The names are loaded on first use (PEP 562), so `eas_tools.commands.evaluate`, which `eas --help` imports, does not
 pull in torch through the harness.
 """
 

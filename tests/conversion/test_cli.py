@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from eas.cli import app
+from eas_tools.cli import app
 from model_store import ModelStore
 
 FAST = ["--steps", "4", "--batch-size", "8", "--eval-limit", "4", "--device", "cpu"]

@@ -1,4 +1,4 @@
-"""Past saturation: a real server on 127.0.0.1 with a small queue, driven by bench/load_test.py (run as a
+"""Past saturation: a real server on 127.0.0.1 with a small queue, driven by eas_tools/scripts/load_test.py (run as a
 separate process, so the load generator does not share this process's GIL or memory) with 64 concurrent
 clients for a bounded time and count.
 
@@ -47,7 +47,7 @@ def saturated(model_dirs: ModelDirs, tmp_path_factory: pytest.TempPathFactory) -
                       max_batch_wait_ms=2.0) as live:
         me = psutil.Process()
         out = tmp_path_factory.mktemp("load") / "load.json"
-        command = [sys.executable, str(REPO / "bench" / "load_test.py"), "--url", live.base_url,
+        command = [sys.executable, "-m", "eas_tools.scripts.load_test", "--url", live.base_url,
                    "--concurrency", str(CLIENTS), "--duration", str(LOAD_S), "--max-requests", "20000",
                    "--baseline-requests", "30", "--settle", "0", "--json-out", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}

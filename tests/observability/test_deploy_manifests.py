@@ -202,7 +202,7 @@ def test_hpa_scales_the_deployment_on_the_adapter_metric(manifests: dict[str, di
 def test_conversion_job_runs_the_cli_on_a_gpu(manifests: dict[str, dict[str, Any]]) -> None:
     import typer.main
 
-    from eas.cli import app
+    from eas_tools.cli import app
 
     job = manifests["Job"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image, ImageDraw
 from transformers.utils import logging as hf_logging
 
-from eas.bench.skips import bench_plan
-from eas.bench.variants import convert_and_save
 from eas.model.loading import LoadedModel
 from eas.model.manifest import write_manifest
 from eas.zoo.llava import build_llava
+from eas_tools.bench.skips import bench_plan
+from eas_tools.bench.variants import convert_and_save
 from service.app import create_app
 from service.lifecycle import default_loader
 from service.runner.runner import VariantInfo

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 
 import pytest
 
-from eas.bench.compare import CompareError, compare, easy_vqa_questions, render
+from eas_tools.bench.compare import CompareError, compare, easy_vqa_questions, render
 from service.app import create_app
 from service.server import DrainingServer, background_server
 from service.settings import Settings
@@ -58,7 +58,7 @@ def test_cli_unreachable_server_is_one_line_exit_2() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     done = subprocess.run(
-        [sys.executable, "-c", "from eas.cli import app; app()", "compare", "--url", f"http://127.0.0.1:{port}",
+        [sys.executable, "-c", "from eas_tools.cli import app; app()", "compare", "--url", f"http://127.0.0.1:{port}",
          "--requests", "1"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]

@@ -103,7 +103,7 @@ def test_eas_serve_process_drains_on_sigterm(model_dirs: ModelDirs, tmp_path: Pa
                PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", "from eas.cli import app; app()", "serve", "--port",
+        proc = subprocess.Popen([sys.executable, "-c", "from eas_tools.cli import app; app()", "serve", "--port",
                                  str(port)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             base = f"http://127.0.0.1:{port}"

@@ -1,0 +1,1 @@
+"""One module per `eas` subcommand: the typer function and its argument checks (heavy imports inside)."""

@@ -1,0 +1,103 @@
+"""`eas bench` end to end on the tiny geometry in --quick mode: the real service on loopback, both variants,
+JSON and plots written; and the command line's refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from eas_tools.bench.report import JSON_NAME, LATENCY_PLOT, SUMMARY_NAME, THROUGHPUT_PLOT
+from eas_tools.bench.run import resolve_options, run_bench
+from eas_tools.cli import app
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    options = resolve_options(out, quick=True, geometry="tiny", sweep=True, progress=False,
+                              command=["eas", "bench", "--quick"])
+    return run_bench(options, log=lambda _msg: None), out
+
+
+def test_writes_valid_json_summary_and_plots(quick_run: tuple[dict, Path]) -> None:
+    _, out = quick_run
+    data = json.loads((out / JSON_NAME).read_text())  # strict JSON: no NaN
+    assert data["schema"] == "eas-bench/1"
+    assert data["command"] == ["eas", "bench", "--quick"]
+    assert data["environment"]["torch"] == torch.__version__
+    assert data["environment"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    for name in (LATENCY_PLOT, THROUGHPUT_PLOT):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert "## acceptance" in (out / SUMMARY_NAME).read_text()
+    assert set(data["batches"]) == {"1", "2"}
+
+
+def test_measures_both_variants_on_every_path(quick_run: tuple[dict, Path]) -> None:
+    report, _ = quick_run
+    assert report["models"]["eas"]["skipped"] == [2, 3]  # 50% of 4 layers, deepest, layer 0 kept
+    assert report["models"]["baseline"]["skipped"] == []
+    for batch in report["batches"].values():
+        for variant in ("baseline", "eas"):
+            raw = batch["raw"][variant]
+            assert raw["new_tokens"] == [4]  # random weights never stop early: every run decodes 4 tokens
+            assert len(raw["samples_s"]["e2e_s"]) == (2 if batch["batch_size"] == 1 else 1)
+            assert all(v > 0 for v in raw["median_s"].values())
+            assert batch["http"][variant]["median_s"]["e2e_s"] > 0
+            assert math.isfinite(batch["overhead"][variant]["http_minus_raw_p50_s"])
+        # KV cache: exactly the kept fraction (2 of 4 layers) of the baseline's
+        assert batch["memory_ratio"]["kv_cache_bytes"] == 2.0
+        assert batch["memory"]["eas"]["weight_bytes"] < batch["memory"]["baseline"]["weight_bytes"]
+    assert report["batches"]["2"]["http"]["eas"]["mean_server_batch_size"] >= 1.0
+    assert report["flops"]["ratio"]["total"] > 1.0
+    assert [row["clients"] for row in report["throughput"]] == [1, 2, 4]
+    assert all(row[v]["requests_per_s"] > 0 for row in report["throughput"] for v in ("baseline", "eas"))
+
+
+def test_interleaving_alternates_variants_and_paths(quick_run: tuple[dict, Path]) -> None:
+    order = quick_run[0]["batches"]["1"]["order"]
+    assert order == ["baseline:raw", "baseline:http", "eas:raw", "eas:http",
+                     "eas:http", "eas:raw", "baseline:http", "baseline:raw"]
+    assert [row["order"] for row in quick_run[0]["throughput"]] == [
+        ["baseline", "eas"], ["eas", "baseline"], ["baseline", "eas"]]
+
+
+def test_sweep_includes_the_unskipped_conversion_as_a_control(quick_run: tuple[dict, Path]) -> None:
+    sweep = quick_run[0]["sweep"]
+    assert [p["skipped"] for p in sweep] == [[], [2, 3]]
+    assert sweep[0]["flop_ratio"] == 1.0 and sweep[1]["flop_ratio"] > 1.0
+
+
+def test_acceptance_is_reported_per_batch_size(quick_run: tuple[dict, Path]) -> None:
+    acceptance = quick_run[0]["acceptance"]
+    assert acceptance["flop_ratio"] == quick_run[0]["flops"]["ratio"]["total"]
+    for key in ("batch_1", "batch_2"):
+        assert isinstance(acceptance[key]["http_speedup_ge_flop_ratio"], bool)
+        assert isinstance(acceptance[key]["http_speedup_ge_95pct_raw"], bool)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_the_7b_geometry_is_refused_on_cpu(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "--geometry", "llava-1.5-7b", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2
+    assert "GPU" in result.output and "--allow-large-on-cpu" in result.output
+    assert not (tmp_path / "b").exists()  # refused before anything was built or written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--geometry", "huge"], "unknown geometry"),
+    (["--skip-count", "4", "--geometry", "tiny"], "layer 0"),
+    (["--eas-dir", "x"], "go together"),
+    (["--store", "s"], "--model"),
+    (["--device", "tpu"], "choose auto, cpu or cuda"),
+])
+def test_bad_options_are_one_message(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "b"), *args])
+    assert result.exit_code == 2
+    assert message in result.output
