@@ -15,16 +15,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from model_store import JobRecord
+from service.admin import routes as admin
+from service.admin.activation import Activator
+from service.admin.routes import AdminState
+from service.admin.supervisor import JobSupervisor
 from service.auth import TokenVerifier
 from service.errors import install_error_handlers
-from service.jobs.supervisor import JobSupervisor
 from service.lifecycle import Loader, Resolver, Service, default_loader, run_in_daemon_thread
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.openapi import ERROR_RESPONSES
-from service.routes import admin, answer, chat, health, metrics, models
-from service.routes.admin import AdminState
-from service.runner.activation import Activator
+from service.routes import answer, chat, health, metrics, models
 from service.runner.resolve import resolve_variants
 from service.settings import Settings
 from service.shadow import ShadowMirror

@@ -161,7 +161,7 @@ class Metrics:
         self.shadow_agreement = Counter("eas_shadow_agreement", "Mirrored answers equal to the live one or not.",
                                         ("model", "result"), registry=r)
 
-        # --- conversion jobs (service/jobs/supervisor.py) ---------------------------------------------
+        # --- conversion jobs (service/admin/supervisor.py) ---------------------------------------------
         self.conversion_jobs = Counter("eas_conversion_jobs", "Conversion jobs that reached a final status.",
                                        ("status",), registry=r)
         self.conversion_job_duration = Histogram("eas_conversion_job_duration_seconds",

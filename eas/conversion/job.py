@@ -1,6 +1,6 @@
 """Run one stored conversion job in this process: `python -m eas.conversion.job --store DIR JOB_ID`.
 
-The service starts this in a separate worker process (service/jobs/supervisor.py), so a crash or an
+The service starts this in a separate worker process (service/admin/supervisor.py), so a crash or an
 out-of-memory in a conversion never takes the server down. Everything the job says goes through the
 store's job row: progress and stage while it runs, then exactly one terminal status with the error or
 the result. Cancellation is cooperative: the row's `cancel_requested` flag is polled and turned into

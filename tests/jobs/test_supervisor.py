@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from model_store import JobRecord, ModelStore
-from service.jobs.supervisor import JobSupervisor
+from service.admin.supervisor import JobSupervisor
 
 FAST = dict(
     criterion="uniform", skip_count=2, steps=4, batch_size=4, val_size=8, calibration_samples=4,

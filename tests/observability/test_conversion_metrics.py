@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from model_store import JobRecord, ModelStore
-from service.jobs.supervisor import JobSupervisor
+from service.admin.supervisor import JobSupervisor
 from tests.observability.conftest import value
 from tests.service.conftest import ModelDirs, make_settings, running_app
 

@@ -1,8 +1,8 @@
 """Admin API: conversion jobs, model imports and versions (serving-conventions §6, §7).
 
 Every route needs the admin bearer token (403 while none is configured, 401 with a wrong one). Jobs are
-rows in the model store, run by worker processes (service/jobs/supervisor.py); activation loads and
-warms a version beside the current one and swaps atomically (service/runner/activation.py).
+rows in the model store, run by worker processes (service/admin/supervisor.py); activation loads and
+warms a version beside the current one and swaps atomically (service/admin/activation.py).
 """
 
 from __future__ import annotations
@@ -10,22 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+from eas.model.manifest import ModelFilesError
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import ValidationError
 
 from eas.conversion.data import EASY_VQA
 from eas.model.checkpoint import CheckpointError, CheckpointInfo, check_checkpoint
-from eas.model.manifest import ModelFilesError
 from model_store import JobRecord, ModelStore, VersionInfo
 from model_store import errors as store_errors
 from model_store.versions import is_valid_name
+from service.admin.activation import Activator
+from service.admin.requests import ConvertBody, ImportBody, job_params
+from service.admin.supervisor import JobSupervisor
 from service.deps import ServiceDep, require_admin_token
 from service.errors import Conflict, NotFound, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
-from service.jobs.supervisor import JobSupervisor
 from service.lifecycle import run_in_daemon_thread
 from service.openapi import standalone_schema
-from service.runner.activation import Activator
-from service.validation.admin import ConvertBody, ImportBody, job_params
 from service.validation.requests import is_json, media_type, read_json, validate_model
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_token)])
