@@ -2,13 +2,13 @@
 
 One small hierarchy so that callers (the HTTP service, the CLI, conversion workers) can map failures to
 responses without parsing messages: `NotFound` → 404, `Conflict` → 409, everything else under `StoreError`
-→ 500. Corrupted model files raise `eas.model.manifest.ModelFilesError` (re-exported here), the same error
+→ 500. Corrupted model files raise `eas.manifest.ModelFilesError` (re-exported here), the same error
 `load_model` raises, so a caller handles "refuse this model" in one place.
 """
 
 from __future__ import annotations
 
-from eas.model.manifest import ModelFilesError
+from eas.manifest import ModelFilesError
 
 __all__ = [
     "Conflict",

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eas.model.manifest import MANIFEST_NAME, ModelFilesError, verify_manifest
+from eas.manifest import MANIFEST_NAME, ModelFilesError, verify_manifest
 from model_store import registry, versions
 from model_store.errors import InvalidName, NotFound, StoreError, VersionWriteError
 from model_store.jobs import DEFAULT_TTL, JobRecord, Jobs

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from eas.model.manifest import write_manifest
+from eas.manifest import write_manifest
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import pytest
 
 from eas.evaluation import agreement, evaluate, question_type
 from eas.evaluation.harness import score
+from eas.manifest import write_manifest
 from eas.model.loading import load_model
-from eas.model.manifest import write_manifest
 from eas.zoo.llava import build_llava
 
 

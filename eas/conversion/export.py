@@ -25,9 +25,9 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from eas.conversion.errors import ConversionFailed, check_cancel
+from eas.manifest import write_manifest
 from eas.model.fold import fold_model
 from eas.model.loading import LoadedModel, load_model
-from eas.model.manifest import write_manifest
 from eas.model.persistence import save_converted
 from model_store import ModelStore, VersionInfo
 from model_store.store import copy_tree

@@ -19,7 +19,7 @@ from transformers import (
     ProcessorMixin,
 )
 
-from eas.model.manifest import verify_manifest
+from eas.manifest import verify_manifest
 from eas.model.plan import SkipPlan
 from eas.model.prompting import build_prompt
 

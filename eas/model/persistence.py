@@ -20,9 +20,9 @@ import transformers
 from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedModel, ProcessorMixin
 
+from eas.manifest import ModelFilesError, write_manifest
 from eas.model.arch import DECODER_PATHS, locate_decoder
 from eas.model.convert import apply_plan, stored_conversion
-from eas.model.manifest import ModelFilesError, write_manifest
 from eas.model.plan import SkipPlan
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from eas.manifest import write_manifest
 from eas.model.adapters import AdapterConfig
 from eas.model.convert import apply_plan
 from eas.model.fold import fold_model
 from eas.model.loading import resolve_device, resolve_dtype
-from eas.model.manifest import write_manifest
 from eas.model.persistence import save_converted
 from eas.model.plan import SkipPlan
 from eas.zoo.llava import GEOMETRIES, LlavaGeometry, build_llava_config, build_llava_processor

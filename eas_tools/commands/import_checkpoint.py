@@ -41,8 +41,8 @@ def import_command(
     if not directory.is_dir():
         fail(f"{directory}: {'not a directory' if directory.exists() else 'no such directory'}")
 
+    from eas.manifest import ModelFilesError
     from eas.model.checkpoint import CheckpointError, check_checkpoint  # torch only when a command runs
-    from eas.model.manifest import ModelFilesError
     from model_store import ModelStore, StoreError
 
     try:

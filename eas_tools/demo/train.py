@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from eas.manifest import write_manifest
 from eas.model.loading import LoadedModel
-from eas.model.manifest import write_manifest
 from eas.zoo.llava import DEMO, LlavaGeometry, build_llava
 from eas_tools.demo.data import EasyVQATensors, corpus, load_train_tensors
 from eas_tools.demo.grouped import grouped_loss, questions_by_image, shared_prefix_length

@@ -73,7 +73,7 @@ def resolve_model_dir(arg: str | None, workdir: Path) -> tuple[Path, str]:
         return Path(arg), "given"
     if (EMBEDDED / "config.json").is_file():
         return EMBEDDED, "embedded default model"
-    from eas.model.manifest import write_manifest
+    from eas.manifest import write_manifest
     from eas.zoo.llava import build_llava
 
     model, processor = build_llava(seed=0)

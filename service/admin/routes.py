@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from eas.model.manifest import ModelFilesError
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import ValidationError
 
 from eas.conversion.data import EASY_VQA
+from eas.manifest import ModelFilesError
 from eas.model.checkpoint import CheckpointError, CheckpointInfo, check_checkpoint
 from model_store import JobRecord, ModelStore, VersionInfo
 from model_store import errors as store_errors

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eas.model.manifest import ModelFilesError
+from eas.manifest import ModelFilesError
 from service.runner.runner import VariantInfo
 from service.settings import Settings
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from eas.manifest import ModelFilesError, write_manifest
 from eas.model.fold import fold_model
 from eas.model.loading import load_model
-from eas.model.manifest import ModelFilesError, write_manifest
 from eas.model.persistence import load_converted, save_converted
 from tests.core.helpers import converted_llava, llava_batch
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import model_store.store as store_module
-from eas.model.manifest import write_manifest
+from eas.manifest import write_manifest
 from model_store import EMBEDDED_MODEL_NAME, Conflict, ModelFilesError, ModelStore
 from tests.model_store.helpers import dummy_writer, make_model_dir, make_writable, tree
 

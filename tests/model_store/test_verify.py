@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from eas.model.manifest import MANIFEST_NAME
+from eas.manifest import MANIFEST_NAME
 from model_store import ModelFilesError, ModelStore
 from tests.model_store.helpers import dummy_writer, make_writable
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from eas.model.manifest import MANIFEST_NAME, verify_manifest, write_manifest
+from eas.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 from model_store import (
     InvalidName,
     ModelFilesError,

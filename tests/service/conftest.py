@@ -17,8 +17,8 @@ import pytest
 from PIL import Image, ImageDraw
 from transformers.utils import logging as hf_logging
 
+from eas.manifest import write_manifest
 from eas.model.loading import LoadedModel
-from eas.model.manifest import write_manifest
 from eas.zoo.llava import build_llava
 from eas_tools.bench.skips import bench_plan
 from eas_tools.bench.variants import convert_and_save

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from eas.manifest import verify_manifest
 from eas.model.loading import load_model
-from eas.model.manifest import verify_manifest
 from eas.zoo.llava import TINY, build_llava
 from eas_tools.demo.data import corpus
 from eas_tools.demo.train import TrainConfig, train_default_model
