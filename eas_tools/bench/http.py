@@ -15,12 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 from fastapi import FastAPI
 
 from eas.model.loading import LoadedModel
+from eas_tools.bench.report import BurstSummary
 from service.app import create_app
 from service.server import background_server
 from service.settings import Settings
@@ -133,10 +133,10 @@ def burst(app: FastAPI, base_url: str, pngs: list[bytes], question: str, variant
                  mean_batch_size=(after[0] - before[0]) / batches if batches else 0.0)
 
 
-def summarize_burst(bursts: list[Burst]) -> dict[str, Any]:
-    return {
-        "requests": sum(len(b.latencies_s) for b in bursts),
-        "requests_per_s": statistics.median(b.requests_per_s for b in bursts),
-        "latency_p50_s": statistics.median(x for b in bursts for x in b.latencies_s),
-        "mean_batch_size": statistics.fmean(b.mean_batch_size for b in bursts),
-    }
+def summarize_burst(bursts: list[Burst]) -> BurstSummary:
+    return BurstSummary(
+        requests=sum(len(b.latencies_s) for b in bursts),
+        requests_per_s=statistics.median(b.requests_per_s for b in bursts),
+        latency_p50_s=statistics.median(x for b in bursts for x in b.latencies_s),
+        mean_batch_size=statistics.fmean(b.mean_batch_size for b in bursts),
+    )

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,32 @@ from eas_tools.bench.http import (
     summarize_burst,
 )
 from eas_tools.bench.interleave import ab_order, interleaved
-from eas_tools.bench.memory import measure_generation_memory
+from eas_tools.bench.memory import MemoryResult, measure_generation_memory
 from eas_tools.bench.raw import RawRunner, RawTiming
+from eas_tools.bench.report import (
+    SCHEMA,
+    Acceptance,
+    BatchAcceptance,
+    BatchResult,
+    BenchReport,
+    BusyProcess,
+    Environment,
+    FlopRatios,
+    Flops,
+    FlopsUnavailable,
+    HttpStats,
+    MemoryRatio,
+    Models,
+    ModelSource,
+    ModelSummary,
+    Overhead,
+    PerVariant,
+    RawStats,
+    SweepPoint,
+    ThroughputRow,
+    jsonable,
+    write_report,
+)
 from eas_tools.bench.skips import Placement, bench_plan
 from eas_tools.bench.variants import (
     BenchSetupError,
@@ -153,7 +177,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def busy_processes(threshold_percent: float = 25.0, window_s: float = 0.5) -> list[dict[str, Any]]:
+def busy_processes(threshold_percent: float = 25.0, window_s: float = 0.5) -> list[BusyProcess]:
     """Other processes using at least `threshold_percent` of a core right now (the load the numbers share
     the machine with); empty when psutil is missing."""
     try:
@@ -173,24 +197,23 @@ def busy_processes(threshold_percent: float = 25.0, window_s: float = 0.5) -> li
         except psutil.Error:
             continue
         if cpu >= threshold_percent:
-            busy.append({"pid": p.pid, "cpu_percent": round(cpu, 1),
-                         "command": " ".join(p.info.get("cmdline") or [p.info.get("name") or "?"])[:160]})
+            busy.append(BusyProcess(pid=p.pid, cpu_percent=round(cpu, 1),
+                                    command=" ".join(p.info.get("cmdline") or [p.info.get("name") or "?"])[:160]))
     return busy
 
 
-def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def environment(device: torch.device, dtype: torch.dtype) -> Environment:
     import transformers
 
-    env: dict[str, Any] = {
-        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "platform": platform.platform(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "load_average_start": list(os.getloadavg()), "busy_processes_start": busy_processes(),
-    }
-    return env
+    return Environment(
+        device=str(device), dtype=str(dtype).removeprefix("torch."),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        cpu_cores=len(os.sched_getaffinity(0)), torch_threads=torch.get_num_threads(),
+        torch=torch.__version__, transformers=transformers.__version__,
+        python=platform.python_version(), platform=platform.platform(),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+        load_average_start=list(os.getloadavg()), busy_processes_start=busy_processes(),
+    )
 
 
 # --- measurement -------------------------------------------------------------------------------------
@@ -214,17 +237,17 @@ class Progress:
 
 
 def measure_batch_size(app: Any, base_url: str, runners: dict[str, RawRunner], batch: int, reps: int,
-                       max_new_tokens: int, progress: Progress) -> dict[str, Any]:
+                       max_new_tokens: int, progress: Progress) -> BatchResult:
     """Memory (untimed warm-up run) then `reps` interleaved repetitions of raw and HTTP, both variants."""
     side = image_side(runners["eas"].loaded)
     images = sample_images(batch, side)
     pngs = [png_bytes(im) for im in images]
     questions = [QUESTION] * batch
-    memory = {}
+    memory: dict[str, MemoryResult] = {}
     for variant in VARIANTS:
         runner = runners[variant]
         memory[variant] = runner.call(measure_generation_memory, runner.loaded, images, questions,
-                                      max_new_tokens).to_dict()
+                                      max_new_tokens)
         progress.step(f"batch {batch}: memory + warm-up")
     raw: dict[str, list[RawTiming]] = {v: [] for v in VARIANTS}
     http: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -251,57 +274,59 @@ def measure_batch_size(app: Any, base_url: str, runners: dict[str, RawRunner], b
 
 def summarize_batch(batch: int, raw: dict[str, list[RawTiming]], http: dict[str, list[float]],
                     server: dict[str, list[dict[str, float]]], batch_sizes: dict[str, list[float]],
-                    memory: dict[str, Any], order: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"batch_size": batch, "order": order, "memory": memory, "raw": {}, "http": {},
-                           "overhead": {}}
+                    memory: dict[str, MemoryResult], order: list[str]) -> BatchResult:
+    raw_stats: dict[str, RawStats] = {}
+    http_stats: dict[str, HttpStats] = {}
+    overhead: dict[str, Overhead] = {}
     for v in VARIANTS:
         metrics = [r.metrics() for r in raw[v]]
-        out["raw"][v] = {
-            "median_s": {k: _median([m[k] for m in metrics]) for k in metrics[0]} if metrics else {},
-            "samples_s": {k: [m[k] for m in metrics] for k in metrics[0]} if metrics else {},
-            "new_tokens": sorted({r.new_tokens for r in raw[v]}),
-            "prompt_tokens": sorted({r.prompt_tokens for r in raw[v]}),
-        }
-        entry: dict[str, Any] = {"median_s": {"e2e_s": _median(http[v])}, "samples_s": {"e2e_s": http[v]}}
-        if server[v]:
-            entry["server_median_s"] = {k: _median([s[k] for s in server[v]]) for k in server[v][0]}
-        if batch_sizes[v]:
-            entry["mean_server_batch_size"] = statistics.fmean(batch_sizes[v])
-        out["http"][v] = entry
+        raw_stats[v] = RawStats(
+            median_s={k: _median([m[k] for m in metrics]) for k in metrics[0]} if metrics else {},
+            samples_s={k: [m[k] for m in metrics] for k in metrics[0]} if metrics else {},
+            new_tokens=sorted({r.new_tokens for r in raw[v]}),
+            prompt_tokens=sorted({r.prompt_tokens for r in raw[v]}),
+        )
+        http_stats[v] = HttpStats(
+            median_s={"e2e_s": _median(http[v])}, samples_s={"e2e_s": http[v]},
+            server_median_s={k: _median([s[k] for s in server[v]]) for k in server[v][0]} if server[v] else None,
+            mean_server_batch_size=statistics.fmean(batch_sizes[v]) if batch_sizes[v] else None,
+        )
         raw_e2e = [r.e2e_s for r in raw[v]]
-        out["overhead"][v] = {
-            "http_minus_raw_p50_s": _median(http[v]) - _median(raw_e2e),
-            "http_over_raw": _ratio(_median(http[v]), _median(raw_e2e)),
+        overhead[v] = Overhead(
+            http_minus_raw_p50_s=_median(http[v]) - _median(raw_e2e),
+            http_over_raw=_ratio(_median(http[v]), _median(raw_e2e)),
             # The same repetition's HTTP and raw runs differ only by the serving path: a paired difference.
-            "paired_diff_p50_s": _median([h - r for h, r in zip(http[v], raw_e2e, strict=True)]),
-        }
-    base, eas = out["raw"]["baseline"]["median_s"], out["raw"]["eas"]["median_s"]
-    out["raw_speedup"] = {k: _ratio(base[k], eas[k]) for k in base}
-    out["http_speedup"] = {"e2e_s": _ratio(out["http"]["baseline"]["median_s"]["e2e_s"],
-                                           out["http"]["eas"]["median_s"]["e2e_s"])}
-    mem = out["memory"]
-    out["memory_ratio"] = {
-        "kv_cache_bytes": _ratio(mem["baseline"]["kv_cache_bytes"], mem["eas"]["kv_cache_bytes"]),
-        "weight_bytes": _ratio(mem["baseline"]["weight_bytes"], mem["eas"]["weight_bytes"]),
-    }
-    return out
+            paired_diff_p50_s=_median([h - r for h, r in zip(http[v], raw_e2e, strict=True)]),
+        )
+    base, eas = raw_stats["baseline"].median_s, raw_stats["eas"].median_s
+    return BatchResult(
+        batch_size=batch, order=order, memory=PerVariant(**memory), raw=PerVariant(**raw_stats),
+        http=PerVariant(**http_stats), overhead=PerVariant(**overhead),
+        raw_speedup={k: _ratio(base[k], eas[k]) for k in base},
+        http_speedup={"e2e_s": _ratio(http_stats["baseline"].median_s["e2e_s"], http_stats["eas"].median_s["e2e_s"])},
+        memory_ratio=MemoryRatio(
+            kv_cache_bytes=_ratio(memory["baseline"].kv_cache_bytes, memory["eas"].kv_cache_bytes),
+            weight_bytes=_ratio(memory["baseline"].weight_bytes, memory["eas"].weight_bytes)),
+    )
 
 
 def measure_throughput(app: Any, base_url: str, levels: Sequence[int], requests_per_level: int,
-                       max_new_tokens: int, side: int, progress: Progress) -> list[dict[str, Any]]:
+                       max_new_tokens: int, side: int, progress: Progress) -> list[ThroughputRow]:
     images = sample_images(max(max(levels), requests_per_level), side)
     pngs = [png_bytes(im) for im in images]
     rows = []
     for index, clients in enumerate(levels):
         count = max(requests_per_level, clients)
-        row: dict[str, Any] = {"clients": clients, "requests": count, "order": ab_order(index, VARIANTS)}
-        for variant in row["order"]:
+        order = ab_order(index, VARIANTS)
+        summaries = {}
+        for variant in order:
             result = burst(app, base_url, [pngs[i % len(pngs)] for i in range(count)], QUESTION, variant,
                            max_new_tokens, clients)
-            row[variant] = summarize_burst([result])
+            summaries[variant] = summarize_burst([result])
             progress.step(f"throughput: {clients} clients {variant}")
-        row["speedup"] = _ratio(row["eas"]["requests_per_s"], row["baseline"]["requests_per_s"])
-        rows.append(row)
+        rows.append(ThroughputRow(clients=clients, requests=count, order=order, **summaries,
+                                  speedup=_ratio(summaries["eas"].requests_per_s,
+                                                 summaries["baseline"].requests_per_s)))
     return rows
 
 
@@ -312,20 +337,21 @@ def flops_for(loaded: LoadedModel, prompt_tokens: int, new_tokens: int, causal: 
     return count_flops(loaded.model.config, prompt_tokens, new_tokens, skipped, rank, causal)
 
 
-def flop_section(models: dict[str, LoadedModel], prompt_tokens: int, new_tokens: int) -> dict[str, Any]:
+def flop_section(models: dict[str, LoadedModel], prompt_tokens: int, new_tokens: int) -> Flops | FlopsUnavailable:
     """Full-score counts (the reference the acceptance uses) and, for comparison, the causal-half ratio."""
     try:
         counts = {v: flops_for(models[v], prompt_tokens, new_tokens) for v in VARIANTS}
         causal = {v: flops_for(models[v], prompt_tokens, new_tokens, causal=True) for v in VARIANTS}
     except UnsupportedConfig as exc:
-        return {"unavailable": str(exc)}
-    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prefill_scores": "full",
-            **{v: counts[v].to_dict() for v in VARIANTS}, "ratio": flop_ratios(counts["baseline"], counts["eas"]),
-            "ratio_causal_scores": flop_ratios(causal["baseline"], causal["eas"])}
+        return FlopsUnavailable(unavailable=str(exc))
+    return Flops(prompt_tokens=prompt_tokens, new_tokens=new_tokens, prefill_scores="full",
+                 baseline=counts["baseline"], eas=counts["eas"],
+                 ratio=FlopRatios(**flop_ratios(counts["baseline"], counts["eas"])),
+                 ratio_causal_scores=FlopRatios(**flop_ratios(causal["baseline"], causal["eas"])))
 
 
 def run_sweep(options: BenchOptions, baseline: RawRunner, main_eas: RawRunner, workdir: Path,
-              progress: Progress) -> list[dict[str, Any]]:
+              progress: Progress) -> list[SweepPoint]:
     """Raw batch-1 latency against the skip fraction: one converted model per fraction, A/B with the baseline."""
     num_layers = baseline.loaded.model.config.get_text_config(decoder=True).num_hidden_layers
     main_skipped = main_eas.loaded.plan.skipped if main_eas.loaded.plan is not None else ()
@@ -361,12 +387,12 @@ def run_sweep(options: BenchOptions, baseline: RawRunner, main_eas: RawRunner, w
         prompt, new = samples["eas"][0].prompt_tokens, samples["eas"][0].new_tokens
         base_flops = flops_for(baseline.loaded, prompt, new)
         eas_flops = flops_for(runner.loaded, prompt, new)
-        points.append({
-            "skip_fraction": len(plan.skipped) / num_layers, "requested_fraction": fraction,
-            "skipped": list(plan.skipped), "baseline_median_s": med["baseline"], "eas_median_s": med["eas"],
-            "speedup": {k: _ratio(med["baseline"][k], med["eas"][k]) for k in med["eas"]},
-            "flop_ratio": flop_ratios(base_flops, eas_flops)["total"],
-        })
+        points.append(SweepPoint(
+            skip_fraction=len(plan.skipped) / num_layers, requested_fraction=fraction,
+            skipped=list(plan.skipped), baseline_median_s=med["baseline"], eas_median_s=med["eas"],
+            speedup={k: _ratio(med["baseline"][k], med["eas"][k]) for k in med["eas"]},
+            flop_ratio=flop_ratios(base_flops, eas_flops)["total"],
+        ))
         if owned:
             runner.close()
             del runner
@@ -412,28 +438,26 @@ def validate(options: BenchOptions) -> None:
         raise BenchSetupError("--concurrency needs client counts of at least 1")
 
 
-def locate_variants(options: BenchOptions, workdir: Path, progress: Callable[[str], None]) -> tuple[VariantDirs,
-                                                                                                    dict[str, Any]]:
+def locate_variants(options: BenchOptions, workdir: Path,
+                    progress: Callable[[str], None]) -> tuple[VariantDirs, ModelSource]:
     if options.store is not None:
         assert options.model is not None
         dirs = store_pair(options.store, options.model, options.version)
-        return dirs, {"source": dirs.source, "baseline_dir": str(dirs.baseline), "eas_dir": str(dirs.eas)}
+        return dirs, ModelSource(source=dirs.source, baseline_dir=str(dirs.baseline), eas_dir=str(dirs.eas))
     if options.eas_dir is not None and options.baseline_dir is not None:
         dirs = VariantDirs(baseline=options.baseline_dir, eas=options.eas_dir, source="dirs")
-        return dirs, {"source": "dirs", "baseline_dir": str(dirs.baseline), "eas_dir": str(dirs.eas)}
+        return dirs, ModelSource(source="dirs", baseline_dir=str(dirs.baseline), eas_dir=str(dirs.eas))
     geometry = geometry_named(options.geometry)
     plan = bench_plan(geometry.text_layers, options.skip_fraction, options.skip_count, options.placement)
     progress(f"building {options.geometry}: baseline + EAS skipping {len(plan.skipped)}/{geometry.text_layers}")
     dirs = build_geometry_pair(options.geometry, plan, workdir, seed=options.seed, device=options.device,
                                dtype=options.dtype, allow_cpu=options.allow_large_on_cpu)
-    return dirs, {"source": dirs.source, "geometry": options.geometry, "seed": options.seed,
-                  "placement": options.placement, "random_weights": True}
+    return dirs, ModelSource(source=dirs.source, geometry=options.geometry, seed=options.seed,
+                             placement=options.placement, random_weights=True)
 
 
-def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> BenchReport:
     """Run everything; returns the report (also written to `options.out` by eas_tools.bench.report)."""
-    from eas_tools.bench.report import write_report  # matplotlib only when a report is written
-
     validate(options)
     if options.threads:
         torch.set_num_threads(options.threads)  # before the service reads it for its inference threads
@@ -441,8 +465,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
     dtype = resolve_dtype(options.dtype, device)
     started = time.time()
     env = environment(device, dtype)
-    if env["busy_processes_start"]:
-        log(f"note: other busy processes share this machine: {env['busy_processes_start']}")
+    if env.busy_processes_start:
+        log(f"note: other busy processes share this machine: {env.busy_processes_start}")
     options.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="eas-bench-", dir=options.out if options.keep_models else None))
     try:
@@ -470,43 +494,43 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
                 bar.close()
                 for runner in runners.values():
                     runner.close()
-            first = batches["1"]["raw"]["eas"]
-            flops = flop_section(models, first["prompt_tokens"][0], first["new_tokens"][0])
-            model_info = {v: {"path": str(models[v].path), "skipped": list(models[v].plan.skipped)
-                              if models[v].plan is not None else [],
-                              "num_layers": models[v].model.config.get_text_config(decoder=True).num_hidden_layers,
-                              "parameters": sum(p.numel() for p in models[v].model.parameters())}
-                          for v in VARIANTS}
+            first = batches["1"].raw.eas
+            flops = flop_section(models, first.prompt_tokens[0], first.new_tokens[0])
+            model_info = {v: ModelSummary(
+                path=str(models[v].path),
+                skipped=list(models[v].plan.skipped) if models[v].plan is not None else [],
+                num_layers=models[v].model.config.get_text_config(decoder=True).num_hidden_layers,
+                parameters=sum(p.numel() for p in models[v].model.parameters())) for v in VARIANTS}
     finally:
         if not options.keep_models:
             shutil.rmtree(workdir, ignore_errors=True)
-    env["load_average_end"] = list(os.getloadavg())
-    env["busy_processes_end"] = busy_processes()
-    settings_out = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
-                    for k, v in vars(replace(options, command=[])).items() if k != "command"}
-    report: dict[str, Any] = {
-        "schema": "eas-bench/1", "command": options.command or sys.argv, "started_unix": started,
-        "duration_s": time.time() - started, "environment": env, "options": settings_out,
-        "models": {**source, **model_info}, "flops": flops, "batches": batches, "throughput": throughput,
-        "sweep": sweep,
-    }
-    report["acceptance"] = acceptance(report)
+    env.load_average_end = list(os.getloadavg())
+    env.busy_processes_end = busy_processes()
+    options_out = jsonable({f.name: getattr(options, f.name) for f in fields(options) if f.name != "command"})
+    report = BenchReport(
+        schema=SCHEMA, command=options.command or sys.argv, started_unix=started,
+        duration_s=time.time() - started, environment=env, options=options_out,
+        models=Models(**{f.name: getattr(source, f.name) for f in fields(source)},
+                      baseline=model_info["baseline"], eas=model_info["eas"]),
+        flops=flops, batches=batches, throughput=throughput, sweep=sweep, acceptance=acceptance(flops, batches),
+    )
     write_report(report, options.out)
     return report
 
 
-def acceptance(report: dict[str, Any], min_fraction_of_raw: float = 0.95) -> dict[str, Any]:
+def acceptance(flops: Flops | FlopsUnavailable, batches: dict[str, BatchResult],
+               min_fraction_of_raw: float = 0.95) -> Acceptance:
     """Issue 8's check at batch 1 (and, for information, batched): the speed-up measured through HTTP is at
     least the FLOP ratio and at least 95% of the in-process speed-up."""
-    flop_ratio = report["flops"].get("ratio", {}).get("total")
-    out: dict[str, Any] = {"flop_ratio": flop_ratio, "min_fraction_of_raw": min_fraction_of_raw}
-    for key, batch in report["batches"].items():
-        http_speedup = batch["http_speedup"]["e2e_s"]
-        raw_speedup = batch["raw_speedup"]["e2e_s"]
-        out[f"batch_{key}"] = {
-            "http_speedup": http_speedup, "raw_speedup": raw_speedup,
-            "http_over_raw_speedup": _ratio(http_speedup, raw_speedup),
-            "http_speedup_ge_flop_ratio": None if flop_ratio is None else bool(http_speedup >= flop_ratio),
-            "http_speedup_ge_95pct_raw": bool(http_speedup >= min_fraction_of_raw * raw_speedup),
-        }
-    return out
+    flop_ratio = flops.ratio.total if isinstance(flops, Flops) else None
+    checks = {}
+    for key, batch in batches.items():
+        http_speedup = batch.http_speedup["e2e_s"]
+        raw_speedup = batch.raw_speedup["e2e_s"]
+        checks[key] = BatchAcceptance(
+            http_speedup=http_speedup, raw_speedup=raw_speedup,
+            http_over_raw_speedup=_ratio(http_speedup, raw_speedup),
+            http_speedup_ge_flop_ratio=None if flop_ratio is None else bool(http_speedup >= flop_ratio),
+            http_speedup_ge_95pct_raw=bool(http_speedup >= min_fraction_of_raw * raw_speedup),
+        )
+    return Acceptance(flop_ratio=flop_ratio, min_fraction_of_raw=min_fraction_of_raw, batches=checks)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from eas_tools.bench.report import JSON_NAME, LATENCY_PLOT, SUMMARY_NAME, THROUGHPUT_PLOT
+from eas_tools.bench.report import JSON_NAME, LATENCY_PLOT, SUMMARY_NAME, THROUGHPUT_PLOT, BenchReport, Flops
 from eas_tools.bench.run import resolve_options, run_bench
 from eas_tools.cli import app
 
@@ -19,14 +19,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[BenchReport, Path]:
     out = tmp_path_factory.mktemp("bench")
     options = resolve_options(out, quick=True, geometry="tiny", sweep=True, progress=False,
                               command=["eas", "bench", "--quick"])
     return run_bench(options, log=lambda _msg: None), out
 
 
-def test_writes_valid_json_summary_and_plots(quick_run: tuple[dict, Path]) -> None:
+def test_writes_valid_json_summary_and_plots(quick_run: tuple[BenchReport, Path]) -> None:
     _, out = quick_run
     data = json.loads((out / JSON_NAME).read_text())  # strict JSON: no NaN
     assert data["schema"] == "eas-bench/1"
@@ -39,47 +39,61 @@ def test_writes_valid_json_summary_and_plots(quick_run: tuple[dict, Path]) -> No
     assert set(data["batches"]) == {"1", "2"}
 
 
-def test_measures_both_variants_on_every_path(quick_run: tuple[dict, Path]) -> None:
+def test_measures_both_variants_on_every_path(quick_run: tuple[BenchReport, Path]) -> None:
     report, _ = quick_run
-    assert report["models"]["eas"]["skipped"] == [2, 3]  # 50% of 4 layers, deepest, layer 0 kept
-    assert report["models"]["baseline"]["skipped"] == []
-    for batch in report["batches"].values():
+    assert report.models.eas.skipped == [2, 3]  # 50% of 4 layers, deepest, layer 0 kept
+    assert report.models.baseline.skipped == []
+    for batch in report.batches.values():
         for variant in ("baseline", "eas"):
-            raw = batch["raw"][variant]
-            assert raw["new_tokens"] == [4]  # random weights never stop early: every run decodes 4 tokens
-            assert len(raw["samples_s"]["e2e_s"]) == (2 if batch["batch_size"] == 1 else 1)
-            assert all(v > 0 for v in raw["median_s"].values())
-            assert batch["http"][variant]["median_s"]["e2e_s"] > 0
-            assert math.isfinite(batch["overhead"][variant]["http_minus_raw_p50_s"])
+            raw = batch.raw.of(variant)
+            assert raw.new_tokens == [4]  # random weights never stop early: every run decodes 4 tokens
+            assert len(raw.samples_s["e2e_s"]) == (2 if batch.batch_size == 1 else 1)
+            assert all(v > 0 for v in raw.median_s.values())
+            assert batch.http.of(variant).median_s["e2e_s"] > 0
+            assert math.isfinite(batch.overhead.of(variant).http_minus_raw_p50_s)
         # KV cache: exactly the kept fraction (2 of 4 layers) of the baseline's
-        assert batch["memory_ratio"]["kv_cache_bytes"] == 2.0
-        assert batch["memory"]["eas"]["weight_bytes"] < batch["memory"]["baseline"]["weight_bytes"]
-    assert report["batches"]["2"]["http"]["eas"]["mean_server_batch_size"] >= 1.0
-    assert report["flops"]["ratio"]["total"] > 1.0
-    assert [row["clients"] for row in report["throughput"]] == [1, 2, 4]
-    assert all(row[v]["requests_per_s"] > 0 for row in report["throughput"] for v in ("baseline", "eas"))
+        assert batch.memory_ratio.kv_cache_bytes == 2.0
+        assert batch.memory.eas.weight_bytes < batch.memory.baseline.weight_bytes
+    mean_batch = report.batches["2"].http.eas.mean_server_batch_size
+    assert mean_batch is not None and mean_batch >= 1.0
+    assert isinstance(report.flops, Flops) and report.flops.ratio.total > 1.0
+    assert [row.clients for row in report.throughput] == [1, 2, 4]
+    assert all(row.baseline.requests_per_s > 0 and row.eas.requests_per_s > 0 for row in report.throughput)
 
 
-def test_interleaving_alternates_variants_and_paths(quick_run: tuple[dict, Path]) -> None:
-    order = quick_run[0]["batches"]["1"]["order"]
+def test_interleaving_alternates_variants_and_paths(quick_run: tuple[BenchReport, Path]) -> None:
+    order = quick_run[0].batches["1"].order
     assert order == ["baseline:raw", "baseline:http", "eas:raw", "eas:http",
                      "eas:http", "eas:raw", "baseline:http", "baseline:raw"]
-    assert [row["order"] for row in quick_run[0]["throughput"]] == [
+    assert [row.order for row in quick_run[0].throughput] == [
         ["baseline", "eas"], ["eas", "baseline"], ["baseline", "eas"]]
 
 
-def test_sweep_includes_the_unskipped_conversion_as_a_control(quick_run: tuple[dict, Path]) -> None:
-    sweep = quick_run[0]["sweep"]
-    assert [p["skipped"] for p in sweep] == [[], [2, 3]]
-    assert sweep[0]["flop_ratio"] == 1.0 and sweep[1]["flop_ratio"] > 1.0
+def test_sweep_includes_the_unskipped_conversion_as_a_control(quick_run: tuple[BenchReport, Path]) -> None:
+    sweep = quick_run[0].sweep
+    assert [p.skipped for p in sweep] == [[], [2, 3]]
+    assert sweep[0].flop_ratio == 1.0 and sweep[1].flop_ratio > 1.0
 
 
-def test_acceptance_is_reported_per_batch_size(quick_run: tuple[dict, Path]) -> None:
-    acceptance = quick_run[0]["acceptance"]
-    assert acceptance["flop_ratio"] == quick_run[0]["flops"]["ratio"]["total"]
-    for key in ("batch_1", "batch_2"):
-        assert isinstance(acceptance[key]["http_speedup_ge_flop_ratio"], bool)
-        assert isinstance(acceptance[key]["http_speedup_ge_95pct_raw"], bool)
+def test_acceptance_is_reported_per_batch_size(quick_run: tuple[BenchReport, Path]) -> None:
+    report = quick_run[0]
+    acceptance = report.acceptance
+    assert isinstance(report.flops, Flops) and acceptance.flop_ratio == report.flops.ratio.total
+    for key in ("1", "2"):
+        assert isinstance(acceptance.of(key).http_speedup_ge_flop_ratio, bool)
+        assert isinstance(acceptance.of(key).http_speedup_ge_95pct_raw, bool)
+
+
+def test_the_written_json_is_the_report_and_reads_back(quick_run: tuple[BenchReport, Path]) -> None:
+    """bench.json is `to_json()` of the returned report (the acceptance flattened to batch_<size> keys, as
+    before the report was typed) and `BenchReport.read` turns it back into the same document."""
+    report, out = quick_run
+    data = json.loads((out / JSON_NAME).read_text())
+    assert data == report.to_json()
+    assert set(data["acceptance"]) == {"flop_ratio", "min_fraction_of_raw", "batch_1", "batch_2"}
+    assert "server_median_s" in data["batches"]["1"]["http"]["eas"]  # measured at batch 1 only
+    assert "server_median_s" not in data["batches"]["2"]["http"]["eas"]
+    assert BenchReport.read(out / JSON_NAME).to_json() == data
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")

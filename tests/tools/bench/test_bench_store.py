@@ -40,10 +40,10 @@ def test_bench_runs_on_a_store_version(store_with_conversion: Path, tmp_path: Pa
     options = resolve_options(tmp_path / "out", quick=True, store=store_with_conversion, model="tiny",
                               batch_size=1, concurrency=(1,), progress=False)
     report = run_bench(options, log=lambda _msg: None)
-    assert report["models"]["source"] == "store:tiny:v2"
-    assert report["models"]["eas"]["skipped"] == [3]
-    assert set(report["batches"]) == {"1"}
-    assert report["batches"]["1"]["memory_ratio"]["kv_cache_bytes"] == pytest.approx(4 / 3)
+    assert report.models.source == "store:tiny:v2"
+    assert report.models.eas.skipped == [3]
+    assert set(report.batches) == {"1"}
+    assert report.batches["1"].memory_ratio.kv_cache_bytes == pytest.approx(4 / 3)
 
 
 def test_missing_store_model_is_one_message(store_with_conversion: Path, tmp_path: Path) -> None:
