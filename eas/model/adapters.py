@@ -152,7 +152,3 @@ class RoutedAdapter(nn.Module):
     def forward(self, x_hat: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
         return x_hat + self.mix.up(self.dropout(self.A(x_hat)), w)
 
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-

@@ -12,7 +12,6 @@ from transformers import BatchFeature, Qwen2VLConfig, Qwen2VLForConditionalGener
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 PAD_ID, BOS_ID, EOS_ID, IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 0, 1, 2, 3, 4, 5, 6
-FIRST_TEXT_ID = 7
 IMAGE_SIZE, PATCH, MERGE = 32, 8, 2
 
 

@@ -47,7 +47,6 @@ class WorkItem:
     shadow: bool = False
     enqueued_at: float = 0.0
     started_at: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     # Results cross from the worker thread to the loop; a future whose waiter already gave up
     # (cancelled on timeout or disconnect) is left alone so nothing logs "exception never retrieved".

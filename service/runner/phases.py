@@ -118,11 +118,9 @@ class PhaseTimer:
         self._current: PhaseMarks | None = None
         self._owner: int | None = None  # hooks of other threads using the same model are ignored
         self._handles: list[Any] = []
-        self.has_vision = False
         if not isinstance(model, nn.Module):  # a stand-in model (tests, wrappers): brackets only, no split
             return
         vision, vision_end = find_vision_modules(model)
-        self.has_vision = vision is not None
         self._handles.append(model.register_forward_hook(self._on_forward_end))
         if vision is not None and vision_end is not None:
             self._handles += [vision.register_forward_pre_hook(self._on_vision_start),

@@ -50,11 +50,6 @@ def sniff_format(data: bytes, preferred: Iterable[str] = ()) -> str | None:
     return None
 
 
-def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """A fully loaded image; raises InvalidImage (400), UnsupportedMediaType (415) or PayloadTooLarge (413)."""
-    return load_image(open_image(data, limits))
-
-
 def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Steps 1-2: format and size checks from the magic bytes and the header only (cheap: no pixels)."""
     allowed = ", ".join(limits.allowed_formats)

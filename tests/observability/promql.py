@@ -20,7 +20,6 @@ ADAPTER = DEPLOY / "k8s" / "monitoring" / "prometheus-adapter-rules.yaml"
 # A service metric: `eas_` then name characters; never preceded by a name character or a colon (so the
 # `eas:` recording-rule names and words like `speas_x` are not taken).
 METRIC = re.compile(r"(?<![A-Za-z0-9_:])eas_[a-z0-9_]+")
-RECORDED = re.compile(r"(?<![A-Za-z0-9_:])eas:[a-z0-9_:]+")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
