@@ -1,5 +1,4 @@
-"""model_store: the durable registry of models, immutable versions and conversion jobs (registry and
-artefacts only: no model loading, no torch).
+"""model_store: the durable registry of models, immutable versions and conversion jobs.
 
 The serving layer talks to `ModelStore`; see docs/model-store.md for the layout and guarantees.
 """
@@ -15,10 +14,11 @@ from model_store.errors import (
 )
 from model_store.jobs import JobRecord, JobStatus
 from model_store.registry import Kind, VersionInfo
-from model_store.serving import ServedVersion, served_versions
-from model_store.store import ModelStore
+from model_store.store import DEFAULT_EMBEDDED_DIR, EMBEDDED_MODEL_NAME, ModelStore
 
 __all__ = [
+    "DEFAULT_EMBEDDED_DIR",
+    "EMBEDDED_MODEL_NAME",
     "Conflict",
     "InvalidName",
     "InvalidTransition",
@@ -28,9 +28,7 @@ __all__ = [
     "ModelFilesError",
     "ModelStore",
     "NotFound",
-    "ServedVersion",
     "StoreError",
     "VersionInfo",
     "VersionWriteError",
-    "served_versions",
 ]

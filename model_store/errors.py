@@ -2,8 +2,9 @@
 
 One small hierarchy so that callers (the HTTP service, the CLI, conversion workers) can map failures to
 responses without parsing messages: `NotFound` → 404, `Conflict` → 409, everything else under `StoreError`
-→ 500. Corrupted model files raise `eas.manifest.ModelFilesError` (re-exported here), the same error
-`load_model` raises, so a caller handles "refuse this model" in one place.
+→ 500 (the service's one table of these is in `service/errors.py`). Corrupted model files raise
+`eas.manifest.ModelFilesError` (re-exported here), the same error `load_model` raises, so a caller handles
+"refuse this model" in one place.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ __all__ = [
     "Conflict",
     "InvalidName",
     "InvalidTransition",
+    "JobNotFound",
     "ModelFilesError",
     "NotFound",
     "StoreError",
+    "VersionNotFound",
     "VersionWriteError",
 ]
 
@@ -27,6 +30,14 @@ class StoreError(Exception):
 
 class NotFound(StoreError, LookupError):
     """An unknown model, version or job."""
+
+
+class VersionNotFound(NotFound):
+    """An unknown model, or a version its model does not have."""
+
+
+class JobNotFound(NotFound):
+    """An unknown conversion job."""
 
 
 class Conflict(StoreError):

@@ -1,7 +1,7 @@
 """Durable conversion-job records: creation with idempotency, a status state machine, cancellation.
 
 The admin API (serving-conventions §6) is a thin layer over this: a job survives a server restart as a row,
-`fail_interrupted_jobs` turns the ones a dead server left behind into honest failures, and the rules the
+`fail_interrupted` turns the ones a dead server left behind into honest failures, and the rules the
 API promises (idempotency keys, one conversion per model, terminal jobs never change) are checked inside
 one write transaction here, so two requests racing in different threads or processes cannot both win.
 
@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from model_store import registry
-from model_store.errors import Conflict, InvalidTransition, NotFound
+from model_store.errors import Conflict, InvalidTransition, JobNotFound
 from model_store.registry import Registry, utc_now
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -39,7 +39,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 UPDATABLE_FIELDS: frozenset[str] = frozenset({"status", "progress", "stage", "error", "result", "worker_pid"})
-DEFAULT_TTL = timedelta(hours=24)  # BentoML keeps finished tasks for 24 h (serving-conventions §6)
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ def _row_to_job(row: sqlite3.Row) -> JobRecord:
 def _fetch(conn: sqlite3.Connection, job_id: str) -> JobRecord:
     row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
-        raise NotFound(f"unknown job {job_id!r}")
+        raise JobNotFound(f"unknown job {job_id!r}")
     return _row_to_job(row)
 
 
@@ -120,7 +119,7 @@ def _check_status(status: str | None) -> None:
 
 
 class Jobs:
-    """Job persistence over the store's registry database."""
+    """Job persistence over the store's registry database: `ModelStore.jobs`."""
 
     def __init__(self, registry_db: Registry) -> None:
         self._db = registry_db
@@ -137,7 +136,7 @@ class Jobs:
 
         Same idempotency key and same request → the existing job (whatever its status). Same key with a
         different request → `Conflict`. An unfinished job for the same model → `Conflict` carrying its id
-        (one conversion per model at a time). Unknown source version → `NotFound`.
+        (one conversion per model at a time). Unknown source version → `VersionNotFound`.
         """
         params = dict(params or {})
         digest = params_hash(model, source_version, params)
@@ -276,8 +275,10 @@ class Jobs:
             )
         return ids
 
-    def cleanup(self, ttl: timedelta = DEFAULT_TTL, *, now: datetime | None = None) -> int:
-        """Delete finished jobs older than `ttl` (by `finished_at`); returns how many.
+    def cleanup(self, ttl: timedelta, *, now: datetime | None = None) -> list[str]:
+        """Delete finished jobs older than `ttl` (by `finished_at`); returns their ids. Queued and running
+        jobs are never deleted, however old. The server runs this periodically with `Settings.job_ttl_s`
+        (service/admin/supervisor.py).
 
         Their idempotency keys become free again, as with any TTL-bound idempotency store.
         """
@@ -286,8 +287,7 @@ class Jobs:
             reference = reference.replace(tzinfo=UTC)
         cutoff = registry.format_time(reference - ttl)
         with self._db.write() as conn:
-            cursor = conn.execute(
-                "DELETE FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?",
-                (cutoff,),
-            )
-            return cursor.rowcount
+            expired = "status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?"
+            ids = [r["id"] for r in conn.execute(f"SELECT id FROM jobs WHERE {expired}", (cutoff,))]
+            conn.execute(f"DELETE FROM jobs WHERE {expired}", (cutoff,))
+            return ids

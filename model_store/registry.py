@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from model_store.errors import NotFound, StoreError
+from model_store.errors import StoreError, VersionNotFound
 
 SCHEMA_VERSION = 1
 DB_NAME = "store.sqlite3"
@@ -308,12 +308,12 @@ def fetch_version(conn: sqlite3.Connection, model: str, version: str | None, mod
     raise missing_version(conn, model, version)
 
 
-def missing_version(conn: sqlite3.Connection, model: str, version: str | None) -> NotFound:
-    """The `NotFound` for a model or version that is not registered, listing what exists instead."""
+def missing_version(conn: sqlite3.Connection, model: str, version: str | None) -> VersionNotFound:
+    """The `VersionNotFound` for a model or version that is not registered, listing what exists instead."""
     known = [r["version"] for r in conn.execute("SELECT version FROM versions WHERE model = ? ORDER BY seq", (model,))]
     if not known:
         models = ", ".join(model_names(conn)) or "none"
-        return NotFound(f"unknown model {model!r} (known models: {models})")
+        return VersionNotFound(f"unknown model {model!r} (known models: {models})")
     if version is None:  # cannot happen while versions_one_active and first-version activation hold
-        return NotFound(f"model {model!r} has no active version (versions: {', '.join(known)})")
-    return NotFound(f"model {model!r} has no version {version!r} (versions: {', '.join(known)})")
+        return VersionNotFound(f"model {model!r} has no active version (versions: {', '.join(known)})")
+    return VersionNotFound(f"model {model!r} has no version {version!r} (versions: {', '.join(known)})")

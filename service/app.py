@@ -49,27 +49,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def start_admin(app: FastAPI) -> AdminState:
-    """Open the store (seeding a fresh one, service/seed.py), fail the jobs a previous server left unfinished,
-    start supervising workers. A job that succeeds with `activate` is hot-activated here, in the server, once it
-    is loaded and warm."""
-    from service.seed import open_seeded  # path-only deployments without admin never touch the store
+    """Open the store, fail the jobs a previous server left unfinished, start supervising workers
+    (service/admin/supervisor.py), which hot-activates a job that succeeded and asked for it: in the server, once
+    loaded and warm."""
+    from model_store import ModelStore  # path-only deployments without admin never touch the store
 
     service: Service = app.state.service
-    store = await run_in_daemon_thread(open_seeded, service.settings.model_store)
-    activator = Activator(service, store)
-    loop = asyncio.get_running_loop()
-
-    def on_succeeded(job: JobRecord) -> None:  # called from the supervisor thread
-        if job.params.get("activate") and job.result and job.result.get("version"):
-            asyncio.run_coroutine_threadsafe(activator.activate(job.model, job.result["version"]), loop)
-
+    store = await run_in_daemon_thread(ModelStore.open, service.settings.model_store)
+    activator = Activator(service, store, asyncio.get_running_loop())
     metrics: Metrics = app.state.metrics
 
     def on_finished(job: JobRecord) -> None:  # supervisor thread; exactly once per job and supervisor
         metrics.observe_conversion_job(job.status, job.started_at, job.finished_at)
 
-    supervisor = JobSupervisor(store, on_succeeded=on_succeeded, on_finished=on_finished,
-                               on_workers_changed=service.threads.set_running_jobs)
+    supervisor = JobSupervisor(store, service.settings, activate=activator.activate_from_thread,
+                               on_finished=on_finished, on_workers_changed=service.threads.set_running_jobs)
     # Read at scrape time: always the supervisor's own count, with no bookkeeping to drift.
     metrics.conversion_jobs_in_progress.set_function(lambda: len(supervisor.running_pids()))
     interrupted = await run_in_daemon_thread(supervisor.start)

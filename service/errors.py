@@ -2,7 +2,8 @@
 
 Body: `{"error": {"code", "message", "type", "param", "request_id"}}` — the OpenAI error object (which the
 `openai` client parses) plus the request id. FastAPI's own 404/405/422 and unexpected exceptions are
-rewritten into the same shape; a stack trace never reaches the client, only the log.
+rewritten into the same shape; a stack trace never reaches the client, only the log. The model store's
+errors reach HTTP through one table here (`STORE_ERRORS`), so routes let them propagate.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+
+from model_store import errors as store_errors
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,29 @@ class DeadlineExceeded(ServiceError):
     status, code, type, reason = 504, "deadline_exceeded", "timeout_error", "timeout"
 
 
+# The one mapping from the model store's errors to HTTP answers: the first class that matches wins, so
+# subclasses come first. A route that means something else by a store error (a request naming a model that
+# does not exist is a 422, not a 404) catches it itself; any other StoreError is an internal error (500).
+STORE_ERRORS: tuple[tuple[type[Exception], type[ServiceError], str], ...] = (
+    (store_errors.JobNotFound, NotFound, "job_not_found"),
+    (store_errors.VersionNotFound, NotFound, "version_not_found"),
+    (store_errors.NotFound, NotFound, "not_found"),
+    (store_errors.Conflict, Conflict, "conversion_conflict"),  # every store Conflict is about a job
+    (store_errors.InvalidName, ValidationFailed, "validation_error"),
+    # A stored version whose files fail their checksums: it cannot be served, the current model keeps serving.
+    (store_errors.ModelFilesError, Conflict, "version_corrupted"),
+)
+
+
+def from_store_error(exc: Exception) -> ServiceError | None:
+    """The HTTP error for a model-store error (`STORE_ERRORS`), or None when it has none."""
+    for store_class, http_class, code in STORE_ERRORS:
+        if isinstance(exc, store_class):
+            message = f"cannot be served: {exc}" if isinstance(exc, store_errors.ModelFilesError) else str(exc)
+            return http_class(message, code=code)
+    return None
+
+
 class ClientDisconnected(Exception):
     """The client went away; nobody is left to answer, so this never becomes a response."""
 
@@ -156,6 +182,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, ValidationFailed(message, param=param))
 
 
+async def _store_error(request: Request, exc: Exception) -> Response:
+    error = from_store_error(exc)
+    return error_response(request, error) if error is not None else await _unexpected(request, exc)
+
+
 async def _client_gone(request: Request, exc: Exception) -> Response:
     # Nobody reads this; 499 (nginx's "client closed request") keeps it apart from real errors in metrics.
     return Response(status_code=499)
@@ -181,6 +212,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(store_errors.StoreError, _store_error)
+    app.add_exception_handler(store_errors.ModelFilesError, _store_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ClientDisconnected, _client_gone)

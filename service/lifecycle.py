@@ -47,8 +47,7 @@ class Phase(enum.StrEnum):
 
 
 def default_loader(info: VariantInfo, settings: Settings) -> LoadedModel:
-    return load_model(info.path, device=settings.device, dtype=settings.dtype, name=info.model,
-                      verify=not info.verified)
+    return load_model(info.path, device=settings.device, dtype=settings.dtype, name=info.model)
 
 
 async def run_in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
@@ -86,7 +85,7 @@ class Service:
         self.settings = settings
         self.metrics = metrics
         self.registry = RunnerRegistry()
-        self.threads = ThreadBudget()  # lowered while conversion workers run (service/runner/threads.py)
+        self.threads = ThreadBudget(settings.job_threads)  # lowered while conversion workers run (runner/threads.py)
         self.image_limits = ImageLimits.from_formats(settings.allowed_image_formats, settings.max_image_pixels,
                                                      settings.max_image_side)
         self.phase = Phase.LOADING

@@ -66,6 +66,20 @@ class Settings(BaseSettings):
         4, ge=0, description="Mirroring is suspended while the baseline queue holds this many requests.",
     )
 
+    # --- conversion jobs (docs/admin.md) --------------------------------------------------------------
+    # The supervisor hands these to each worker on its command line (service/admin/supervisor.py); the worker
+    # itself reads no environment.
+    job_nice: int = Field(10, ge=0, le=19, description="Niceness of a conversion worker (EAS_JOB_NICE).")
+    job_threads: int = Field(
+        0, ge=0, description="Torch threads of a conversion worker (EAS_JOB_THREADS); 0 = all cores but one. The "
+                             "server's inference threads shrink by as many while it runs (service/runner/threads.py).",
+    )
+    job_pin: bool = Field(True, description="Pin a conversion worker to the last cores (EAS_JOB_PIN).")
+    job_ttl_s: float = Field(
+        24 * 3600.0, gt=0, description="A finished job is deleted this long after it finished (EAS_JOB_TTL_S); "
+                                       "BentoML keeps finished tasks 24 h (serving-conventions §6).",
+    )
+
     # --- lifecycle ------------------------------------------------------------------------------------
     shutdown_timeout_s: float = Field(30.0, ge=0, description="Drain budget for queued/in-flight requests.")
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Future
 
 from model_store import ModelStore
 from service.lifecycle import Service, run_in_daemon_thread
-from service.runner.resolve import store_variants
 from service.runner.runner import VariantInfo
 
 log = logging.getLogger(__name__)
@@ -19,16 +19,36 @@ log = logging.getLogger(__name__)
 def variants_of(store: ModelStore, name: str, version: str, load_baseline: bool) -> list[VariantInfo]:
     """What serving `name:version` means: a converted version as `eas` (+ its baseline), a baseline alone.
     Verifies every file's checksum first (store I/O: call off the event loop)."""
-    return store_variants(store, name, version, load_baseline=load_baseline)
+    info = store.get_version(name, version)
+    path = store.path_for_loading(name, version)
+    if info.kind != "converted":
+        return [VariantInfo(variant="baseline", model=name, version=version, kind=info.kind, path=path)]
+    variants = [VariantInfo(variant="eas", model=name, version=version, kind=info.kind, path=path,
+                            parent=":".join(info.parent) if info.parent else None)]
+    base = store.baseline_of(name, version) if load_baseline else None
+    if base is not None:
+        variants.append(VariantInfo(variant="baseline", model=base.name, version=base.version, kind=base.kind,
+                                    path=store.path_for_loading(base.name, base.version)))
+    return variants
 
 
 class Activator:
     """Serialises activations: two at once would race on the registry and the store's active flag."""
 
-    def __init__(self, service: Service, store: ModelStore) -> None:
+    def __init__(self, service: Service, store: ModelStore, loop: asyncio.AbstractEventLoop) -> None:
         self.service = service
         self.store = store
+        self.loop = loop  # the server's event loop, where activations run
         self._lock = asyncio.Lock()
+
+    def activate_from_thread(self, name: str, version: str) -> None:
+        """Activate from another thread (the job supervisor's, after a job that asked for it succeeded)
+        without waiting for it; a failure is logged and the current model keeps serving."""
+        def report(done: Future[list[VariantInfo]]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                log.error("hot activation of %s:%s failed: %s", name, version, done.exception())
+
+        asyncio.run_coroutine_threadsafe(self.activate(name, version), self.loop).add_done_callback(report)
 
     async def activate(self, name: str, version: str) -> list[VariantInfo]:
         async with self._lock:

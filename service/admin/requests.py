@@ -2,30 +2,70 @@
 
 POST /admin/models/{name}/versions (`ImportBody`): a server-side directory to import as a baseline version.
 
-POST /admin/convert (`ConvertBody`): the conversion parameters a submitter may choose. It is ConversionRequest
-(eas/conversion/pipeline.py) less the fields the server owns (store location, output directory, progress bar);
-every field keeps its type, default and description, so the OpenAPI schema documents the conversion knobs.
-`activate` is kept: the server acts on it after the job succeeds.
+POST /admin/convert: the conversion parameters a submitter may choose, i.e. ConversionRequest
+(eas/conversion/pipeline.py) less the fields the server owns (`SERVER_FIELDS`, eas/conversion/job.py), plus
+`activate`, which the server acts on after the job succeeds (service/admin/supervisor.py). The body is
+validated once, by the worker's own `build_request`, before the job is queued (`parse_conversion`);
+`ConvertBody` is its OpenAPI schema, generated from the same fields so that it documents every knob.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
+from eas.conversion.job import SERVER_FIELDS, build_request
 from eas.conversion.pipeline import ConversionRequest
+from service.errors import ValidationFailed, describe_validation
 
-_SERVER_OWNED = frozenset({"store", "out", "show_progress_bar"})
+ACTIVATE = "activate"  # the one server-owned field a submitter may set: a wish, acted on by the server
+_ACTIVATE_FIELD = Field(False, description="Hot-activate the new version after the job succeeds (load, warm, "
+                                           "swap), as POST /admin/models/{name}/versions/{version}/activate does.")
+_TARGET = ("model", "version")  # stored in the job's own columns, not in its params
 
 ConvertBody: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "ConvertBody",
     __config__=ConfigDict(extra="forbid"),
     __doc__="Start a conversion of a stored model (see docs/conversion.md for every knob).",
     **{name: (field.annotation, field) for name, field in ConversionRequest.model_fields.items()
-       if name not in _SERVER_OWNED},
+       if name not in SERVER_FIELDS},
+    **{ACTIVATE: (bool, _ACTIVATE_FIELD)},
 )
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A validated POST /admin/convert body."""
+
+    request: ConversionRequest  # what the worker will run (model and source version as asked)
+    params: dict[str, Any]  # what the job stores: the fields the submitter set, normalised, `activate` included
+
+
+def parse_conversion(body: Any, store_root: Path) -> Conversion:
+    """Validate a conversion body as the worker will (cross-field rules included); `ValidationFailed` (422)
+    naming the first problem otherwise. Only what the submitter set is stored, so equal bodies hash equally."""
+    if not isinstance(body, dict):
+        raise ValidationFailed("the body must be a JSON object of conversion parameters")
+    owned = sorted(set(body) & SERVER_FIELDS - {ACTIVATE})
+    if owned:
+        raise ValidationFailed(f"{owned[0]}: set by the server for every job, not by its submitter", param=owned[0])
+    try:
+        activate = TypeAdapter(bool).validate_python(body.get(ACTIVATE, False))
+    except ValidationError as exc:
+        raise ValidationFailed(f"{ACTIVATE}: {exc.errors()[0]['msg']}", param=ACTIVATE) from None
+    try:
+        request = build_request(store_root, body)
+    except ValidationError as exc:
+        message, param = describe_validation(list(exc.errors()))
+        raise ValidationFailed(f"invalid conversion parameters: {message}", param=param) from None
+    chosen = set(body) - set(_TARGET) - {ACTIVATE}
+    params = request.model_dump(mode="json", include=chosen, exclude_unset=True)
+    if ACTIVATE in body:
+        params[ACTIVATE] = activate
+    return Conversion(request, params)
 
 
 class ImportBody(BaseModel):
@@ -40,12 +80,4 @@ class ImportBody(BaseModel):
                                               "as POST /admin/models/{name}/versions/{version}/activate does.")
 
 
-def job_params(body: BaseModel, store_root: Path) -> dict[str, Any]:
-    """Validate the whole request as the worker will (cross-field rules included) and return the
-    parameters to store with the job: only what the submitter set, so equal bodies hash equally."""
-    params = body.model_dump(mode="json", exclude_unset=True)
-    ConversionRequest(store=store_root, **params)  # raises ValidationError → 422 before any work
-    return {k: v for k, v in params.items() if k not in ("model", "version")}
-
-
-__all__ = ["ConvertBody", "ImportBody", "ValidationError", "job_params"]
+__all__ = ["ACTIVATE", "Conversion", "ConvertBody", "ImportBody", "parse_conversion"]

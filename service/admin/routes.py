@@ -2,7 +2,9 @@
 
 Every route needs the admin bearer token (403 while none is configured, 401 with a wrong one). Jobs are
 rows in the model store, run by worker processes (service/admin/supervisor.py); activation loads and
-warms a version beside the current one and swaps atomically (service/admin/activation.py).
+warms a version beside the current one and swaps atomically (service/admin/activation.py). The store's
+errors become HTTP errors through one table (service/errors.py STORE_ERRORS); a route catches one itself
+only where it means something else there (a body naming an unknown model is a 422, not a 404).
 """
 
 from __future__ import annotations
@@ -11,19 +13,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from pydantic import ValidationError
 
 from eas.conversion.data import EASY_VQA
+from eas.conversion.pipeline import ConversionRequest
 from eas.manifest import ModelFilesError
 from eas.model.checkpoint import CheckpointError, CheckpointInfo, check_checkpoint
 from model_store import JobRecord, ModelStore, VersionInfo
 from model_store import errors as store_errors
 from model_store.versions import is_valid_name
 from service.admin.activation import Activator
-from service.admin.requests import ConvertBody, ImportBody, job_params
+from service.admin.requests import ConvertBody, ImportBody, parse_conversion
 from service.admin.supervisor import JobSupervisor
 from service.deps import ServiceDep, require_admin_token
-from service.errors import Conflict, NotFound, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
+from service.errors import ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from service.lifecycle import run_in_daemon_thread
 from service.openapi import standalone_schema
 from service.validation.requests import is_json, media_type, read_json, validate_model
@@ -58,16 +60,17 @@ def _unprocessable(message: str, param: str | None = None) -> ValidationFailed:
     return ValidationFailed(message, param=param)
 
 
-def _check_source(store: ModelStore, body: Any) -> str:
+def _check_source(store: ModelStore, request: ConversionRequest) -> str:
     """The source version (resolved), or 422 naming the field; no work is started for a bad request."""
     try:
-        info = store.get_version(body.model, body.version)
-    except store_errors.NotFound as exc:
-        raise _unprocessable(str(exc), "model" if body.version is None else "version") from exc
+        info = store.get_version(request.model, request.version)
+    except store_errors.NotFound as exc:  # named in the body: the request is wrong, not the URL
+        raise _unprocessable(str(exc), "model" if request.version is None else "version") from exc
     if info.kind == "converted":
         raise _unprocessable(f"{info.ref} is already converted; convert its baseline instead", "version")
-    if body.dataset != EASY_VQA and not Path(body.dataset).is_file():
-        raise _unprocessable(f"dataset {body.dataset!r} is neither 'easy-vqa' nor a readable JSONL file", "dataset")
+    if request.dataset != EASY_VQA and not Path(request.dataset).is_file():
+        raise _unprocessable(f"dataset {request.dataset!r} is neither 'easy-vqa' nor a readable JSONL file",
+                             "dataset")
     return info.version
 
 
@@ -87,19 +90,10 @@ async def start_conversion(
     media = media_type(request)
     if media and not is_json(media):
         raise UnsupportedMediaType("Content-Type must be application/json")
-    body: Any = validate_model(ConvertBody, await read_json(request))
-    try:
-        params = job_params(body, admin.store.root)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise _unprocessable(f"invalid conversion parameters: {first['msg']}",
-                             ".".join(str(p) for p in first.get("loc", ())) or None) from exc
-    version = await run_in_daemon_thread(_check_source, admin.store, body)
-    try:
-        job = await run_in_daemon_thread(lambda: admin.store.create_job(
-            body.model, version, params, idempotency_key=idempotency_key))
-    except store_errors.Conflict as exc:
-        raise Conflict(str(exc), code="conversion_conflict") from exc
+    conversion = parse_conversion(await read_json(request), admin.store.root)
+    version = await run_in_daemon_thread(_check_source, admin.store, conversion.request)
+    job = await run_in_daemon_thread(lambda: admin.store.jobs.create(
+        conversion.request.model, version, conversion.params, idempotency_key=idempotency_key))
     admin.supervisor.submit()
     response.headers["Location"] = f"/admin/jobs/{job.id}"
     return job_view(job)
@@ -113,28 +107,20 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,  # SQLite integers are 64-bit: larger ones were a 500
 ) -> dict[str, Any]:
-    jobs = admin.store.list_jobs(status, model=model, limit=limit, offset=offset)
-    total = admin.store.count_jobs(status, model=model)
+    jobs = admin.store.jobs.select(status, model=model, limit=limit, offset=offset)
+    total = admin.store.jobs.count(status, model=model)
     return {"jobs": [job_view(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
-
-
-def _job(store: ModelStore, job_id: str) -> JobRecord:
-    try:
-        return store.get_job(job_id)
-    except store_errors.NotFound as exc:
-        raise NotFound(f"job {job_id} not found", code="job_not_found") from exc
 
 
 @router.get("/jobs/{job_id}")
 async def get_job(job_id: str, admin: AdminDep) -> dict[str, Any]:
-    return job_view(_job(admin.store, job_id))
+    return job_view(admin.store.jobs.get(job_id))
 
 
 @router.delete("/jobs/{job_id}")
 async def cancel_job(job_id: str, admin: AdminDep, response: Response) -> dict[str, Any]:
     """Cancel cooperatively (idempotent): a queued job is cancelled at once, a running one at its next
     check (202); a finished job is returned unchanged (200)."""
-    _job(admin.store, job_id)
     job = admin.supervisor.cancel(job_id)
     if not job.finished:
         response.status_code = 202
@@ -200,12 +186,7 @@ async def import_version(name: str, request: Request, admin: AdminDep, service: 
 
 
 async def _activate(admin: AdminState, name: str, version: str) -> list[dict[str, str]]:
-    try:
-        infos = await admin.activator.activate(name, version)
-    except store_errors.NotFound as exc:
-        raise NotFound(str(exc), code="version_not_found") from exc
-    except ModelFilesError as exc:
-        raise Conflict(f"{name}:{version} cannot be served: {exc}", code="version_corrupted") from exc
+    infos = await admin.activator.activate(name, version)  # unknown: 404; corrupted: 409 (STORE_ERRORS)
     return [{"variant": i.variant, "model": i.model, "version": i.version} for i in infos]
 
 

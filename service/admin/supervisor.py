@@ -7,7 +7,13 @@ worker that died without recording a terminal status into a failed job that says
 is cooperative (the worker polls its row); a worker that ignores it past a grace period is killed.
 
 `on_finished` (metrics) hears of every job this supervisor sees reach a terminal status — reaped, killed
-after a cancel, cancelled while queued, failed at start-up or at shutdown — exactly once per job.
+after a cancel, cancelled while queued, failed at start-up or at shutdown — exactly once per job. A job
+that succeeded and asked for `activate` is handed to `activate` (hot activation in the server); the worker
+itself never flips the active version (eas/conversion/job.py SERVER_FIELDS).
+
+How much a worker yields to serving (Settings.job_nice, job_threads, job_pin) goes on its command line.
+Finished jobs older than Settings.job_ttl_s are deleted at start and then every min(ttl, 60 s), with
+their logs; queued and running jobs never are.
 """
 
 from __future__ import annotations
@@ -22,12 +28,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from model_store import JobRecord, ModelStore
 from model_store.errors import StoreError
+from service.admin.requests import ACTIVATE
+from service.runner.threads import job_thread_count
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+EXPIRY_INTERVAL_MAX_S = 60.0  # how stale an expired job may linger at most, beyond its ttl
 
 
 @dataclass
@@ -48,21 +60,28 @@ def describe_exit(returncode: int) -> str:
     return f"worker process exited with code {returncode} without recording a result"
 
 
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class JobSupervisor:
     def __init__(
         self,
         store: ModelStore,
+        settings: Settings | None = None,
         *,
-        on_succeeded: Callable[[JobRecord], None] | None = None,
+        activate: Callable[[str, str], None] | None = None,
         on_finished: Callable[[JobRecord], None] | None = None,
         on_workers_changed: Callable[[int], None] | None = None,
         max_concurrent: int = 1,
         poll_s: float = 0.2,
         cancel_grace_s: float = 15.0,
         python: str = sys.executable,
+        clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self.store = store
-        self.on_succeeded = on_succeeded
+        self.settings = settings or Settings()
+        self.activate = activate  # (model, version) of a succeeded job that asked for it; supervisor thread
         self.on_finished = on_finished
         self.on_workers_changed = on_workers_changed  # the server lowers its CPU threads while jobs run
         self._reported: set[str] = set()  # job ids already passed to on_finished
@@ -70,6 +89,9 @@ class JobSupervisor:
         self.poll_s = poll_s
         self.cancel_grace_s = cancel_grace_s
         self.python = python
+        self.clock = clock  # what "now" is for expiry (tests move it)
+        self.expiry_interval_s = min(EXPIRY_INTERVAL_MAX_S, self.settings.job_ttl_s)
+        self._next_expiry = 0.0
         self.log_dir = Path(store.root) / "job-logs"
         self._workers: dict[str, _Worker] = {}
         self._wake = threading.Event()
@@ -79,11 +101,13 @@ class JobSupervisor:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> list[str]:
-        """Fail the jobs a previous server left unfinished, then start supervising; returns those ids."""
-        interrupted = self.store.fail_interrupted_jobs("interrupted: the server restarted while the job ran")
+        """Fail the jobs a previous server left unfinished, expire old finished ones, then start
+        supervising; returns the ids of the failed ones."""
+        interrupted = self.store.jobs.fail_interrupted("interrupted: the server restarted while the job ran")
         for job_id in interrupted:
-            self._report_finished(self.store.get_job(job_id))
+            self._report_finished(self.store.jobs.get(job_id))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.expire_finished()
         self._thread = threading.Thread(target=self._loop, name="job-supervisor", daemon=True)
         self._thread.start()
         return interrupted
@@ -117,8 +141,8 @@ class JobSupervisor:
         self._wake.set()
 
     def cancel(self, job_id: str) -> JobRecord:
-        was_queued = self.store.get_job(job_id).status == "queued"
-        job = self.store.request_cancel(job_id)
+        was_queued = self.store.jobs.get(job_id).status == "queued"
+        job = self.store.jobs.request_cancel(job_id)
         if was_queued and job.finished:  # cancelled before any worker ran it: nobody else will report it
             self._report_finished(job)
         self._wake.set()
@@ -128,12 +152,25 @@ class JobSupervisor:
         with self._lock:
             return {job_id: w.process.pid for job_id, w in self._workers.items()}
 
+    def expire_finished(self) -> list[str]:
+        """Delete the finished jobs that finished more than Settings.job_ttl_s ago, and their logs; returns
+        their ids. Queued and running jobs are never expired."""
+        self._next_expiry = time.monotonic() + self.expiry_interval_s
+        expired = self.store.jobs.cleanup(timedelta(seconds=self.settings.job_ttl_s), now=self.clock())
+        for job_id in expired:
+            (self.log_dir / f"{job_id}.log").unlink(missing_ok=True)
+        if expired:
+            log.info("expired %d finished job(s) older than %.0f s", len(expired), self.settings.job_ttl_s)
+        return expired
+
     # -- the loop ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 self._reap()
                 self._start_queued()
+                if time.monotonic() >= self._next_expiry:
+                    self.expire_finished()
             except Exception:  # the supervisor must outlive any single bad row or failed spawn
                 log.exception("job supervisor iteration failed")
             self._wake.wait(self.poll_s)
@@ -144,21 +181,28 @@ class JobSupervisor:
             free = self.max_concurrent - len(self._workers)
         if free <= 0 or self._stop.is_set():
             return
-        queued = self.store.list_jobs(status="queued", limit=1000)
+        queued = self.store.jobs.select(status="queued", limit=1000)
         for job in sorted(queued, key=lambda j: j.created_at)[:free]:
             self._spawn(job)
+
+    def worker_command(self, job_id: str) -> list[str]:
+        """The worker's command line: how much it yields to serving comes from the settings, explicitly."""
+        settings = self.settings
+        return [self.python, "-m", "eas.conversion.job", "--store", str(self.store.root),
+                "--nice", str(settings.job_nice), "--threads", str(job_thread_count(settings.job_threads)),
+                "--pin" if settings.job_pin else "--no-pin", job_id]
 
     def _spawn(self, job: JobRecord) -> None:
         log_path = self.log_dir / f"{job.id}.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
-                [self.python, "-m", "eas.conversion.job", "--store", str(self.store.root), job.id],
+                self.worker_command(job.id),
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,  # its own process group: signals to the server don't reach it
             )
         try:
-            self.store.update_job(job.id, status="running", stage="starting", worker_pid=process.pid)
+            self.store.jobs.update(job.id, status="running", stage="starting", worker_pid=process.pid)
         except StoreError:  # cancelled between listing and spawning: stop the worker we just started
             _signal_group(process, signal.SIGKILL)
             process.wait()
@@ -189,14 +233,21 @@ class JobSupervisor:
             log.info("job %s worker exited (%s): %s", worker.job_id, returncode, job.status if job else "?")
             if job is not None:
                 self._report_finished(job)
-            if job is not None and job.status == "succeeded" and self.on_succeeded is not None:
-                try:
-                    self.on_succeeded(job)
-                except Exception:
-                    log.exception("post-success hook of job %s failed", job.id)
+            if job is not None:
+                self._activate_if_asked(job)
+
+    def _activate_if_asked(self, job: JobRecord) -> None:
+        """The one place a job's `activate` is acted on: after it succeeded, by the server."""
+        version = (job.result or {}).get("version")
+        if job.status != "succeeded" or not job.params.get(ACTIVATE) or not version or self.activate is None:
+            return
+        try:
+            self.activate(job.model, version)
+        except Exception:  # the job succeeded all the same; the version can be activated by hand
+            log.exception("hot activation of %s:%s after job %s failed", job.model, version, job.id)
 
     def _enforce_cancel(self, worker: _Worker) -> None:
-        job = self.store.get_job(worker.job_id)
+        job = self.store.jobs.get(worker.job_id)
         if not job.cancel_requested:
             return
         now = time.monotonic()
@@ -209,9 +260,9 @@ class JobSupervisor:
             with self._lock:
                 self._workers.pop(worker.job_id, None)
             self._workers_changed()
-            if not self.store.get_job(job.id).finished:
-                self.store.update_job(job.id, status="cancelled", error="cancelled: the worker was stopped")
-            self._report_finished(self.store.get_job(job.id))
+            if not self.store.jobs.get(job.id).finished:
+                self.store.jobs.update(job.id, status="cancelled", error="cancelled: the worker was stopped")
+            self._report_finished(self.store.jobs.get(job.id))
 
     def _report_finished(self, job: JobRecord) -> None:
         if self.on_finished is None or not job.finished:
@@ -227,9 +278,9 @@ class JobSupervisor:
 
     def _fail_if_unfinished(self, job_id: str, reason: str) -> JobRecord | None:
         try:
-            job = self.store.get_job(job_id)
+            job = self.store.jobs.get(job_id)
             if not job.finished:
-                job = self.store.update_job(job_id, status="failed", error=reason)
+                job = self.store.jobs.update(job_id, status="failed", error=reason)
             return job
         except StoreError:
             log.exception("cannot record the end of job %s", job_id)

@@ -15,16 +15,16 @@ import threading
 import torch
 
 
-def job_threads() -> int:
-    """Threads a conversion worker uses (EAS_JOB_THREADS; default all cores but one). The worker reads
-    the same variable (eas/conversion/job.py), so both sides agree."""
-    cores = len(os.sched_getaffinity(0))
-    return int(os.environ.get("EAS_JOB_THREADS", "0")) or max(1, cores - 1)
+def job_thread_count(configured: int) -> int:
+    """Threads a conversion worker gets: `configured` (Settings.job_threads), or all cores but one when 0.
+    The supervisor passes this number to the worker and the budget below subtracts it, so both agree."""
+    return configured or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 class ThreadBudget:
-    def __init__(self) -> None:
+    def __init__(self, job_threads: int = 0) -> None:
         self.full = torch.get_num_threads()
+        self.job_threads = job_threads  # Settings.job_threads, resolved by job_thread_count when jobs run
         self._workers = 0
         self._lock = threading.Lock()
 
@@ -37,7 +37,7 @@ class ThreadBudget:
         if self._workers == 0:
             return self.full
         cores = len(os.sched_getaffinity(0))
-        return max(1, min(self.full, cores - job_threads() * self._workers))
+        return max(1, min(self.full, cores - job_thread_count(self.job_threads) * self._workers))
 
     def apply(self) -> int:
         """Set this thread's torch thread count to the budget (cheap when unchanged); returns it."""

@@ -1,6 +1,7 @@
-"""Conversion jobs in worker processes: success, kill -9 mid-job, server restart, cancel.
+"""Conversion jobs in worker processes: success, kill -9 mid-job, server restart, cancel, the settings a
+worker gets, expiry of finished jobs.
 
-Each test runs real `python -m eas.conversion.job` workers on a tiny model; bounded by deadlines.
+Most tests run real `python -m eas.conversion.job` workers on a tiny model; bounded by deadlines.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from model_store import JobRecord, ModelStore
 from service.admin.supervisor import JobSupervisor
+from service.settings import Settings
 
 FAST = dict(
     criterion="uniform", skip_count=2, steps=4, batch_size=4, val_size=8, calibration_samples=4,
@@ -34,21 +37,29 @@ def wait_for(predicate: Callable[[], JobRecord | bool | None], timeout_s: float 
 
 
 def _finished(store: ModelStore, job_id: str) -> Callable[[], JobRecord | None]:
-    return lambda: (job if (job := store.get_job(job_id)).finished else None)
+    return lambda: (job if (job := store.jobs.get(job_id)).finished else None)
 
 
 def _training(store: ModelStore, job_id: str) -> Callable[[], JobRecord | None]:
-    return lambda: (job if (job := store.get_job(job_id)).stage.startswith("train") else None)
+    return lambda: (job if (job := store.jobs.get(job_id)).stage.startswith("train") else None)
 
 
-def test_job_runs_in_a_worker_process_and_adds_a_version(tiny_store: ModelStore, shapes_jsonl: Path) -> None:
-    succeeded: list[str] = []
+def test_job_runs_in_a_worker_process_and_adds_a_version(
+    tiny_store: ModelStore, shapes_jsonl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finished: list[tuple[str, str]] = []
+    activations: list[tuple[str, str]] = []
     workers: list[int] = []
-    supervisor = JobSupervisor(tiny_store, on_succeeded=lambda job: succeeded.append(job.id),
+    # The worker gets its share from the server's settings on its command line, never from the environment.
+    monkeypatch.setenv("EAS_JOB_THREADS", "2")
+    monkeypatch.setenv("EAS_JOB_NICE", "0")
+    settings = Settings(job_nice=3, job_threads=1, job_pin=True)
+    supervisor = JobSupervisor(tiny_store, settings, activate=lambda *ref: activations.append(ref),
+                               on_finished=lambda job: finished.append((job.id, job.status)),
                                on_workers_changed=workers.append)
     supervisor.start()
     try:
-        job = tiny_store.create_job("tiny", "v1", {**FAST, "dataset": str(shapes_jsonl)})
+        job = tiny_store.jobs.create("tiny", "v1", {**FAST, "dataset": str(shapes_jsonl)})
         supervisor.submit()
         done = wait_for(_finished(tiny_store, job.id))
         assert done.status == "succeeded", done.error
@@ -56,10 +67,22 @@ def test_job_runs_in_a_worker_process_and_adds_a_version(tiny_store: ModelStore,
         assert done.result["version"] == "v2" and list(done.result["plan"]["skipped"]) == [1, 3]
         assert [v.version for v in tiny_store.list_versions("tiny")] == ["v1", "v2"]
         assert tiny_store.active("tiny").version == "v1"  # activate was not asked for
-        wait_for(lambda: succeeded == [job.id], 5)
+        wait_for(lambda: finished == [(job.id, "succeeded")], 5)
+        assert activations == []  # ... so the server was not asked to activate either
         assert workers == [1, 0]  # the server is told when a worker takes cores and gives them back
+        worker_log = (supervisor.log_dir / f"{job.id}.log").read_text()
+        assert f"niceness {os.nice(0) + 3}, 1 torch threads" in worker_log
     finally:
         supervisor.shutdown()
+
+
+def test_worker_command_carries_the_job_settings(tiny_store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    pinned = JobSupervisor(tiny_store, Settings(job_nice=7, job_threads=2, job_pin=True)).worker_command("j1")
+    assert pinned[-6:] == ["--nice", "7", "--threads", "2", "--pin", "j1"]
+    assert pinned[pinned.index("--store") + 1] == str(tiny_store.root)
+    default = JobSupervisor(tiny_store, Settings(job_pin=False)).worker_command("j2")
+    assert default[-6:] == ["--nice", "10", "--threads", "3", "--no-pin", "j2"]  # 0 threads: all cores but one
 
 
 def test_worker_killed_mid_job_fails_the_job_and_leaves_the_store_consistent(
@@ -68,7 +91,7 @@ def test_worker_killed_mid_job_fails_the_job_and_leaves_the_store_consistent(
     supervisor = JobSupervisor(tiny_store)
     supervisor.start()
     try:
-        job = tiny_store.create_job("tiny", "v1", {**SLOW, "dataset": str(shapes_jsonl)})
+        job = tiny_store.jobs.create("tiny", "v1", {**SLOW, "dataset": str(shapes_jsonl)})
         supervisor.submit()
         running = wait_for(_training(tiny_store, job.id))
         os.kill(running.worker_pid, signal.SIGKILL)
@@ -86,7 +109,7 @@ def test_worker_killed_mid_job_fails_the_job_and_leaves_the_store_consistent(
 def test_restart_fails_jobs_the_dead_server_left_running(tiny_store: ModelStore, shapes_jsonl: Path) -> None:
     first = JobSupervisor(tiny_store)
     first.start()
-    job = tiny_store.create_job("tiny", "v1", {**SLOW, "dataset": str(shapes_jsonl)})
+    job = tiny_store.jobs.create("tiny", "v1", {**SLOW, "dataset": str(shapes_jsonl)})
     first.submit()
     running = wait_for(_training(tiny_store, job.id))
     # The server dies hard: its supervisor thread never reaps, the worker is killed with it.
@@ -95,7 +118,7 @@ def test_restart_fails_jobs_the_dead_server_left_running(tiny_store: ModelStore,
     second = JobSupervisor(ModelStore(tiny_store.root))
     assert second.start() == [job.id]
     try:
-        failed = tiny_store.get_job(job.id)
+        failed = tiny_store.jobs.get(job.id)
         assert failed.status == "failed" and "restarted" in failed.error
         assert [v.version for v in tiny_store.list_versions("tiny")] == ["v1"]
     finally:
@@ -106,7 +129,7 @@ def test_cancel_stops_the_worker_and_writes_nothing(tiny_store: ModelStore, shap
     supervisor = JobSupervisor(tiny_store)
     supervisor.start()
     try:
-        job = tiny_store.create_job("tiny", "v1", {**SLOW, "dataset": str(shapes_jsonl)})
+        job = tiny_store.jobs.create("tiny", "v1", {**SLOW, "dataset": str(shapes_jsonl)})
         supervisor.submit()
         wait_for(_training(tiny_store, job.id))
         supervisor.cancel(job.id)
@@ -124,7 +147,7 @@ def test_bad_parameters_fail_the_job_with_the_reason(tiny_store: ModelStore, tmp
     try:
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"image": "missing.png", "question": "q?", "answer": "a"}\nnot json\n')
-        job = tiny_store.create_job("tiny", "v1", {**FAST, "dataset": str(bad)})
+        job = tiny_store.jobs.create("tiny", "v1", {**FAST, "dataset": str(bad)})
         supervisor.submit()
         failed = wait_for(_finished(tiny_store, job.id))
     finally:
@@ -139,8 +162,7 @@ def test_thread_budget_leaves_the_job_its_cores(monkeypatch: pytest.MonkeyPatch)
     from service.runner.threads import ThreadBudget
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
-    monkeypatch.setenv("EAS_JOB_THREADS", "3")
-    budget = ThreadBudget()
+    budget = ThreadBudget(job_threads=3)
     budget.full = 4
     assert budget.threads == 4
     budget.set_running_jobs(1)
@@ -152,3 +174,42 @@ def test_thread_budget_leaves_the_job_its_cores(monkeypatch: pytest.MonkeyPatch)
         torch.set_num_threads(before)
     budget.set_running_jobs(0)
     assert budget.threads == 4
+
+
+def _finished_job(store: ModelStore, **params: object) -> JobRecord:
+    job = store.jobs.create("tiny", "v1", dict(params))
+    store.jobs.update(job.id, status="running")
+    return store.jobs.update(job.id, status="failed", error="for the test")
+
+
+def test_finished_jobs_expire_after_the_ttl_running_ones_never(tiny_store: ModelStore) -> None:
+    now = datetime.now(UTC)
+    clock = [now]
+    supervisor = JobSupervisor(tiny_store, Settings(job_ttl_s=3600), clock=lambda: clock[0])
+    supervisor.log_dir.mkdir(parents=True, exist_ok=True)
+    old = _finished_job(tiny_store, seed=1)
+    (supervisor.log_dir / f"{old.id}.log").write_text("worker output\n")
+    running = tiny_store.jobs.create("tiny", "v1", {"seed": 2})
+    tiny_store.jobs.update(running.id, status="running")
+
+    assert supervisor.expire_finished() == []  # younger than the ttl
+    clock[0] = now + timedelta(hours=2)
+    assert supervisor.expire_finished() == [old.id]
+    assert not (supervisor.log_dir / f"{old.id}.log").exists()
+    clock[0] = now + timedelta(days=365)
+    assert supervisor.expire_finished() == []
+    assert [j.id for j in tiny_store.jobs.select()] == [running.id]
+
+
+def test_start_expires_old_finished_jobs(tiny_store: ModelStore) -> None:
+    old = _finished_job(tiny_store)
+    supervisor = JobSupervisor(tiny_store, Settings(job_ttl_s=60),
+                               clock=lambda: datetime.now(UTC) + timedelta(minutes=5))
+    supervisor.start()
+    try:
+        assert tiny_store.jobs.select() == []
+        assert supervisor.expiry_interval_s == 60  # then every min(ttl, 60 s)
+    finally:
+        supervisor.shutdown()
+    with pytest.raises(LookupError):
+        tiny_store.jobs.get(old.id)

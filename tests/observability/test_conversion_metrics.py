@@ -42,7 +42,7 @@ def test_each_final_status_is_reported_once(store_with_model: ModelStore, tmp_pa
                                python=fake_python(tmp_path, "sleep 0.5; exit 3"))
     supervisor.start()
     try:
-        job = store.create_job("tiny", "v1", {"criterion": "uniform"})
+        job = store.jobs.create("tiny", "v1", {"criterion": "uniform"})
         supervisor.submit()
         wait_for(lambda: bool(supervisor.running_pids()) or bool(finished))
         running.append(len(supervisor.running_pids()))
@@ -66,7 +66,7 @@ def test_queued_cancel_is_reported_once(store_with_model: ModelStore) -> None:
     supervisor = JobSupervisor(store, on_finished=finished.append, max_concurrent=0)  # never starts workers
     supervisor.start()
     try:
-        job = store.create_job("tiny", "v1", {"criterion": "uniform"})
+        job = store.jobs.create("tiny", "v1", {"criterion": "uniform"})
         supervisor.cancel(job.id)
         supervisor.cancel(job.id)  # idempotent, and counted once
         assert [(j.id, j.status) for j in finished] == [(job.id, "cancelled")]
@@ -82,7 +82,7 @@ def test_observer_errors_never_stop_supervision(store_with_model: ModelStore) ->
     supervisor = JobSupervisor(store_with_model, on_finished=broken, max_concurrent=0)
     supervisor.start()
     try:
-        job = store_with_model.create_job("tiny", "v1", {"criterion": "uniform"})
+        job = store_with_model.jobs.create("tiny", "v1", {"criterion": "uniform"})
         assert supervisor.cancel(job.id).status == "cancelled"
     finally:
         supervisor.shutdown(5)
@@ -93,8 +93,8 @@ async def test_app_exports_jobs_failed_at_startup(model_dirs: ModelDirs, store_w
     """A job a previous server left running is failed when the admin API starts, and counted with its
     run time; the in-progress gauge reads 0."""
     store = store_with_model
-    job = store.create_job("tiny", "v1", {"criterion": "uniform"})
-    store.update_job(job.id, status="running", stage="training")
+    job = store.jobs.create("tiny", "v1", {"criterion": "uniform"})
+    store.jobs.update(job.id, status="running", stage="training")
     settings = make_settings(model_dirs, model_store=store.root, admin_token="adm")
     async with running_app(settings) as (app, client):
         assert app.state.admin is not None
@@ -102,4 +102,4 @@ async def test_app_exports_jobs_failed_at_startup(model_dirs: ModelDirs, store_w
     assert value(text, "eas_conversion_jobs_total", status="failed") == 1
     assert value(text, "eas_conversion_job_duration_seconds_count", status="failed") == 1
     assert value(text, "eas_conversion_jobs_in_progress") == 0
-    assert ModelStore(store.root).get_job(job.id).status == "failed"
+    assert ModelStore(store.root).jobs.get(job.id).status == "failed"

@@ -28,8 +28,8 @@ Q = "what colour is the circle?"
 async def exported(model_dirs: ModelDirs, tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     store = ModelStore(tmp_path_factory.mktemp("names") / "store")
     store.import_directory("tiny", model_dirs.baseline, kind="baseline", activate=True)
-    job = store.create_job("tiny", "v1", {"criterion": "uniform"})
-    store.update_job(job.id, status="running")  # left over by "a previous server": failed at start-up
+    job = store.jobs.create("tiny", "v1", {"criterion": "uniform"})
+    store.jobs.update(job.id, status="running")  # left over by "a previous server": failed at start-up
     settings = make_settings(model_dirs, model_store=store.root, admin_token="adm", shadow_fraction=1.0)
     async with running_app(settings) as (app, client):
         for variant in ("eas", "baseline", "eas"):

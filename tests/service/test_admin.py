@@ -1,6 +1,6 @@
 """Admin API: auth on every route, conversion jobs end to end in worker processes, validation and
-conflicts, cancel, refusal of a corrupted version, hot activation under continuous traffic, and importing a
-checkpoint directory (with each refusal naming its problem)."""
+conflicts, cancel, expiry of finished jobs, refusal of a corrupted version, hot activation under continuous
+traffic, and importing a checkpoint directory (with each refusal naming its problem)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ async def test_every_admin_route_refuses_without_the_right_token(store_root: Pat
             assert response.status_code == status, (method, url, response.text)
             assert response.json()["error"]["code"] in ("forbidden", "unauthorized")
     store = ModelStore(store_root)
-    assert store.list_jobs() == [] and [v.version for v in store.list_versions("tiny")] == ["v1"]
+    assert store.jobs.select() == [] and [v.version for v in store.list_versions("tiny")] == ["v1"]
     assert store.active("tiny").version == "v1"
 
 
@@ -143,6 +143,8 @@ async def test_activate_flag_hot_activates_after_success(store_root: Path, datas
     ({"model": "tiny", "version": "v9"}, "version"),
     ({"model": "tiny", "dataset": "/no/such/file.jsonl"}, "dataset"),
     ({"model": "tiny", "store": "/tmp/elsewhere"}, None),
+    ({"model": "tiny", "out": "/tmp/elsewhere"}, "out"),
+    ({"model": "tiny", "activate": "perhaps"}, "activate"),
 ])
 async def test_invalid_conversions_are_refused_with_422_before_any_work(store_root: Path, body, param) -> None:
     async with running_app(store_settings(store_root)) as (_app, client):
@@ -151,7 +153,7 @@ async def test_invalid_conversions_are_refused_with_422_before_any_work(store_ro
         assert response.status_code == 422, response.text
         if param:
             assert param in response.text
-    assert ModelStore(store_root).list_jobs() == []
+    assert ModelStore(store_root).jobs.select() == []
 
 
 async def test_conflict_idempotency_and_cancel(store_root: Path, dataset: str) -> None:
@@ -164,9 +166,10 @@ async def test_conflict_idempotency_and_cancel(store_root: Path, dataset: str) -
         assert again.status_code == 202 and again.json()["id"] == job_id
         keyed = {**AUTH, "Idempotency-Key": "k1"}
         changed = await client.post("/admin/convert", json={**body, "seed": 7}, headers=keyed)
-        assert changed.status_code == 409
+        assert changed.status_code == 409 and changed.json()["error"]["code"] == "conversion_conflict"
         second = await client.post("/admin/convert", json={**body, "seed": 8}, headers=AUTH)
         assert second.status_code == 409 and job_id in second.json()["error"]["message"]
+        assert second.json()["error"]["code"] == "conversion_conflict"
         await wait_job(client, job_id, until=lambda j: j["stage"].startswith("train"))
         cancel = await client.delete(f"/admin/jobs/{job_id}", headers=AUTH)
         assert cancel.status_code == 202
@@ -175,9 +178,37 @@ async def test_conflict_idempotency_and_cancel(store_root: Path, dataset: str) -
         again_cancel = await client.delete(f"/admin/jobs/{job_id}", headers=AUTH)
         assert again_cancel.status_code == 200 and again_cancel.json()["status"] == "cancelled"
         missing = await client.get("/admin/jobs/nope", headers=AUTH)
-        assert missing.status_code == 404
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
+        missing_cancel = await client.delete("/admin/jobs/nope", headers=AUTH)
+        assert missing_cancel.status_code == 404 and missing_cancel.json()["error"]["code"] == "job_not_found"
     store = ModelStore(store_root)
     assert [v.version for v in store.list_versions("tiny")] == ["v1"]
+
+
+async def test_server_expires_finished_jobs_but_never_a_running_one(store_root: Path, dataset: str) -> None:
+    store = ModelStore(store_root)
+    old = store.jobs.create("tiny", "v1", {"seed": 1})
+    store.jobs.update(old.id, status="running")
+    store.jobs.update(old.id, status="failed", error="left by an earlier server")
+
+    async def listed() -> dict[str, str]:
+        jobs = (await client.get("/admin/jobs", headers=AUTH)).json()["jobs"]
+        return {job["id"]: job["status"] for job in jobs}
+
+    # A 1 s ttl: the server expires finished jobs every min(ttl, 60 s) = 1 s.
+    async with running_app(store_settings(store_root, job_ttl_s=1.0)) as (_app, client):
+        response = await client.post("/admin/convert", json={"model": "tiny", "dataset": dataset, **SLOW},
+                                     headers=AUTH)
+        job_id = response.json()["id"]
+        await wait_job(client, job_id, until=lambda j: j["stage"].startswith("train"))
+        deadline = time.monotonic() + 15
+        while old.id in await listed() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert await listed() == {job_id: "running"}  # the old finished job is gone
+        await asyncio.sleep(2.5)  # several expiry rounds while the job, older than the ttl, still runs
+        assert await listed() == {job_id: "running"}
+        await client.delete(f"/admin/jobs/{job_id}", headers=AUTH)
+        assert (await wait_job(client, job_id, timeout_s=30))["status"] == "cancelled"
 
 
 async def test_corrupted_version_is_refused_and_current_model_keeps_serving(
@@ -193,10 +224,11 @@ async def test_corrupted_version_is_refused_and_current_model_keeps_serving(
     async with running_app(store_settings(store_root)) as (_app, client):
         response = await client.post(f"/admin/models/tiny/versions/{bad.version}/activate", headers=AUTH)
         assert response.status_code == 409 and "model.safetensors" in response.json()["error"]["message"]
+        assert response.json()["error"]["code"] == "version_corrupted"
         answer = await client.post("/v1/answer", **multipart(image_bytes(), "what color?"))
         assert answer.status_code == 200 and answer.json()["version"] == "v1"
         unknown = await client.post("/admin/models/tiny/versions/v99/activate", headers=AUTH)
-        assert unknown.status_code == 404
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "version_not_found"
     assert ModelStore(store_root).active("tiny").version == "v1"
 
 
