@@ -1,4 +1,5 @@
-"""model_store: the durable registry of models, immutable versions and conversion jobs.
+"""model_store: the durable registry of models, immutable versions and conversion jobs (registry and
+artefacts only: no model loading, no torch).
 
 The serving layer talks to `ModelStore`; see docs/model-store.md for the layout and guarantees.
 """
@@ -14,11 +15,10 @@ from model_store.errors import (
 )
 from model_store.jobs import JobRecord, JobStatus
 from model_store.registry import Kind, VersionInfo
-from model_store.store import DEFAULT_EMBEDDED_DIR, EMBEDDED_MODEL_NAME, ModelStore
+from model_store.serving import ServedVersion, served_versions
+from model_store.store import ModelStore
 
 __all__ = [
-    "DEFAULT_EMBEDDED_DIR",
-    "EMBEDDED_MODEL_NAME",
     "Conflict",
     "InvalidName",
     "InvalidTransition",
@@ -28,7 +28,9 @@ __all__ = [
     "ModelFilesError",
     "ModelStore",
     "NotFound",
+    "ServedVersion",
     "StoreError",
     "VersionInfo",
     "VersionWriteError",
+    "served_versions",
 ]

@@ -19,7 +19,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from eas.manifest import MANIFEST_NAME, ModelFilesError, verify_manifest
 from model_store import registry, versions
@@ -27,17 +27,8 @@ from model_store.errors import InvalidName, NotFound, StoreError, VersionWriteEr
 from model_store.jobs import Jobs
 from model_store.registry import DB_NAME, KINDS, Kind, Registry, VersionInfo
 
-if TYPE_CHECKING:
-    from eas.model.loading import LoadedModel
-
 log = logging.getLogger(__name__)
 
-EMBEDDED_MODEL_NAME = "easy-vqa-llava"
-# Shipped inside the package by the build (another module owns its contents); may be absent.
-DEFAULT_EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded" / EMBEDDED_MODEL_NAME
-# An EAS conversion of the embedded model may ship beside it as `<name>-eas/`; seeding imports it as the
-# active converted version, so a fresh install serves `eas` beside `baseline` at once.
-EMBEDDED_CONVERTED_SUFFIX = "-eas"
 _DEFAULT_MODEL_KEY = "default_model"
 _COPY_IGNORE = shutil.ignore_patterns("__pycache__", ".git")
 
@@ -46,10 +37,7 @@ class ModelStore:
     """Models, versions and jobs over one directory. See the module docstring for the layout."""
 
     def __init__(self, root: str | Path, *, busy_timeout_s: float = 30.0) -> None:
-        """Open (creating if needed) the store at `root` and clean up after any crashed writer.
-
-        Does not seed; use `ModelStore.open` for that.
-        """
+        """Open (creating if needed) the store at `root` and clean up after any crashed writer."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.models_root = self.root / "models"
@@ -59,27 +47,6 @@ class ModelStore:
         # Conversion jobs: rows in the same registry database (model_store/jobs.py).
         self.jobs = Jobs(self._registry)
         self.recover()
-
-    @classmethod
-    def open(
-        cls,
-        root: str | Path,
-        embedded_dir: str | Path | None = None,
-        *,
-        seed: bool = True,
-        seed_name: str = EMBEDDED_MODEL_NAME,
-        busy_timeout_s: float = 30.0,
-    ) -> ModelStore:
-        """Open the store and, if it holds no model yet, import the embedded model as `seed_name` v1.
-
-        `embedded_dir` defaults to the package's `embedded/easy-vqa-llava/`; a missing directory just
-        means no seeding. Idempotent, and safe when several processes open the same empty store at once:
-        exactly one of them imports.
-        """
-        store = cls(root, busy_timeout_s=busy_timeout_s)
-        if seed:
-            store.seed_from(DEFAULT_EMBEDDED_DIR if embedded_dir is None else Path(embedded_dir), name=seed_name)
-        return store
 
     def __repr__(self) -> str:
         return f"ModelStore({str(self.root)!r})"
@@ -165,41 +132,22 @@ class ModelStore:
             activate=activate,
         )
 
-    def seed_from(self, embedded_dir: str | Path, *, name: str = EMBEDDED_MODEL_NAME) -> VersionInfo | None:
-        """Import `embedded_dir` as `name` (baseline, active) if the store holds no model; else nothing.
+    def import_if_empty(self, name: str, src_dir: str | Path, *, metadata: dict[str, Any] | None = None
+                        ) -> VersionInfo | None:
+        """Import `src_dir` as the store's first model (`name` v1, baseline, active), or nothing when the
+        store already holds a model; returns the new version or None.
 
-        Returns the new version, or None when nothing was imported (store not empty, directory absent,
-        or another process seeded first).
+        The emptiness check is repeated under the write lock, so of several processes doing this on one empty
+        store at once exactly one imports (how the service seeds a fresh store, service/seed.py).
         """
-        src = Path(embedded_dir)
-        if not (src / "config.json").is_file():
-            if src.exists():
-                log.warning("model store: %s has no config.json; not seeding from it", src)
-            else:
-                log.info("model store: no embedded model at %s; not seeding", src)
-            return None
+        src = Path(src_dir)
+        if not src.is_dir():
+            raise NotFound(f"cannot import {src}: not a directory")
         with self._registry.read() as conn:
             if registry.has_models(conn):
-                return None
-        info = self._add_version(
-            name,
-            lambda d: _copy_verified(src, d),
-            kind="baseline",
-            parent=None,
-            metadata={"source": "embedded", "imported_from": str(src)},
-            activate=True,
-            only_if_empty=True,  # re-checked under the write lock: a concurrent opener may have won
-        )
-        if info is None:
-            return None
-        log.info("model store: seeded %s from %s", info.ref, src)
-        converted = src.with_name(src.name + EMBEDDED_CONVERTED_SUFFIX)
-        if (converted / "config.json").is_file():
-            eas = self.import_directory(name, converted, kind="converted", parent=(name, info.version),
-                                        metadata={"source": "embedded", "imported_from": str(converted)},
-                                        activate=True)
-            log.info("model store: seeded %s (EAS conversion of %s) from %s", eas.ref, info.ref, converted)
-        return info
+                return None  # the common case at every start: no copy at all
+        return self._add_version(name, lambda d: _copy_verified(src, d), kind="baseline", parent=None,
+                                 metadata=metadata, activate=True, only_if_empty=True)
 
     def _add_version(
         self,
@@ -373,7 +321,7 @@ class ModelStore:
         log.info("model store: activated %s", info.ref)
         return info
 
-    # --- verification and loading ---------------------------------------------------------------------
+    # --- verification ---------------------------------------------------------------------------------
 
     def verify(self, name: str, version: str | None = None) -> VersionInfo:
         """Check every file of a version against its manifest.
@@ -385,25 +333,12 @@ class ModelStore:
         return info
 
     def path_for_loading(self, name: str | None = None, version: str | None = None) -> Path:
-        """The directory of a verified version, ready for `load_model`.
+        """The directory of a verified version, ready for `load_model(path, verify=False)` (hashed once).
 
         `name=None` → the default model; `version=None` → its active version. A corrupted version raises
         `ModelFilesError` so the caller refuses it and keeps serving what it has.
         """
         return self.verify(self._resolve_name(name), version).path
-
-    def load(self, name: str | None = None, version: str | None = None, **load_kwargs: Any) -> LoadedModel:
-        """Load a version with `eas.model.loading.load_model` (which verifies every checksum).
-
-        A version without a manifest is refused here first: `load_model` alone would accept it.
-        """
-        from eas.model.loading import load_model  # torch/transformers only when actually loading
-
-        info = self.get_version(self._resolve_name(name), version)
-        if not (info.path / MANIFEST_NAME).is_file():
-            verify_manifest(info.path, require=True)  # raises, naming the missing manifest
-        load_kwargs.setdefault("name", info.ref)
-        return load_model(info.path, **load_kwargs)
 
     def _resolve_name(self, name: str | None) -> str:
         if name is not None:

@@ -49,13 +49,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def start_admin(app: FastAPI) -> AdminState:
-    """Open the store, fail the jobs a previous server left unfinished, start supervising workers
-    (service/admin/supervisor.py), which hot-activates a job that succeeded and asked for it: in the server, once
-    loaded and warm."""
-    from model_store import ModelStore  # path-only deployments without admin never touch the store
+    """Open the store (seeding a fresh one, service/seed.py), fail the jobs a previous server left unfinished,
+    start supervising workers (service/admin/supervisor.py), which hot-activates a job that succeeded and asked
+    for it: in the server, once loaded and warm."""
+    from service.seed import open_seeded  # path-only deployments without admin never touch the store
 
     service: Service = app.state.service
-    store = await run_in_daemon_thread(ModelStore.open, service.settings.model_store)
+    store = await run_in_daemon_thread(open_seeded, service.settings.model_store)
     activator = Activator(service, store, asyncio.get_running_loop())
     metrics: Metrics = app.state.metrics
 

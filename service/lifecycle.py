@@ -47,7 +47,8 @@ class Phase(enum.StrEnum):
 
 
 def default_loader(info: VariantInfo, settings: Settings) -> LoadedModel:
-    return load_model(info.path, device=settings.device, dtype=settings.dtype, name=info.model)
+    return load_model(info.path, device=settings.device, dtype=settings.dtype, name=info.model,
+                      verify=not info.verified)
 
 
 async def run_in_daemon_thread(fn: Callable[..., T], *args: object) -> T:

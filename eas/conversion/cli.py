@@ -73,6 +73,7 @@ def convert_command(
     from eas.conversion.data import DatasetError
     from eas.conversion.pipeline import ConversionRequest, ProgressEvent, convert  # torch only when running
     from model_store import ModelStore, NotFound, StoreError
+    from service.seed import open_seeded
 
     search = {} if search_steps is None else {"steps": search_steps}
     try:
@@ -98,7 +99,7 @@ def convert_command(
         typer.echo(f"[{event.fraction:5.1%}] {event.stage:9s} {event.message}", err=True)
 
     try:
-        result = convert(request, progress=show)
+        result = convert(request, progress=show, open_store=open_seeded)  # an empty store gets the demo model
     except DatasetError as exc:
         _fail(str(exc), 2)
     except (ConversionFailed, StoreError, ValueError) as exc:

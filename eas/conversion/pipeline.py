@@ -47,7 +47,7 @@ from eas.conversion.export import FoldCheck, fold_and_save, publish_to_directory
 from eas.conversion.training import TrainingConfig, TrainingReport, mean_loss, train_plan
 from eas.model.adapters import AdapterConfig
 from eas.model.arch import locate_decoder
-from eas.model.loading import LoadedModel, resolve_device
+from eas.model.loading import LoadedModel, load_model, resolve_device
 from eas.model.persistence import is_converted
 from eas.model.plan import SkipPlan
 from model_store import ModelStore
@@ -226,23 +226,25 @@ def _accuracy(loaded: LoadedModel, data: ConversionData, request: ConversionRequ
 
 
 def convert(request: ConversionRequest, progress: Callable[[ProgressEvent], None] | None = None,
-            cancel: threading.Event | None = None) -> ConversionResult:
+            cancel: threading.Event | None = None, *,
+            open_store: Callable[[Path], ModelStore] = ModelStore) -> ConversionResult:
     """Run a whole conversion (see the module docstring). Raises DatasetError, ConversionFailed,
-    Cancelled or the store's errors (NotFound, ...); in every such case nothing was written."""
+    Cancelled or the store's errors (NotFound, ...); in every such case nothing was written.
+    `open_store` opens `request.store` once the dataset is accepted (`eas convert` seeds a new store there)."""
     if request.threads is None:
-        return _convert(request, progress, cancel)
+        return _convert(request, progress, cancel, open_store)
     # On a shared CPU, fewer threads than cores can be many times faster: OpenMP workers that wait for a
     # busy core stall every small matmul (docs/conversion.md). Restored afterwards.
     previous = torch.get_num_threads()
     torch.set_num_threads(request.threads)
     try:
-        return _convert(request, progress, cancel)
+        return _convert(request, progress, cancel, open_store)
     finally:
         torch.set_num_threads(previous)
 
 
 def _convert(request: ConversionRequest, progress: Callable[[ProgressEvent], None] | None,
-             cancel: threading.Event | None) -> ConversionResult:
+             cancel: threading.Event | None, open_store: Callable[[Path], ModelStore]) -> ConversionResult:
     started = time.perf_counter()
     report = _Progress(progress, request.criterion)
     seconds: dict[str, float] = {}
@@ -262,7 +264,7 @@ def _convert(request: ConversionRequest, progress: Callable[[ProgressEvent], Non
     budget = request.budget()
     criterion = get_criterion(request.criterion)
     check_cancel(cancel, "load")
-    store = ModelStore.open(request.store)
+    store = open_store(request.store)
     source_info = store.get_version(request.model, request.version)
     if is_converted(source_info.path):
         raise ConversionFailed(f"{source_info.ref} is already converted; convert its baseline instead")
@@ -270,8 +272,9 @@ def _convert(request: ConversionRequest, progress: Callable[[ProgressEvent], Non
         raise ConversionFailed(f"{request.out} already exists and is not empty")
     device = resolve_device(request.device)
     report("load", 0.3, f"loading {source_info.ref}")
-    source = store.load(request.model, source_info.version, device=device, dtype=torch.float32)
-    work = store.load(request.model, source_info.version, device=device, dtype=torch.float32).model
+    store.verify(request.model, source_info.version)  # every checksum, once for both loads
+    source = load_model(source_info.path, device=device, dtype=torch.float32, name=source_info.ref, verify=False)
+    work = load_model(source_info.path, device=device, dtype=torch.float32, name=source_info.ref, verify=False).model
     processor = source.processor
     num_layers = locate_decoder(work).num_layers
     candidates = candidate_layers(num_layers, request.include_layer0)

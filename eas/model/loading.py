@@ -85,10 +85,15 @@ def load_model(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     name: str | None = None,
+    *,
+    verify: bool = True,
 ) -> LoadedModel:
-    """Verify the directory's checksums, then load it; EAS-converted directories re-apply their plan."""
+    """Verify the directory's checksums (when it has a manifest), then load it; EAS-converted directories
+    re-apply their plan. `verify=False` only where the caller has just verified them itself (a model-store
+    version: `ModelStore.path_for_loading`), so no file is hashed twice per load."""
     path = Path(path)
-    verify_manifest(path)
+    if verify:
+        verify_manifest(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     from eas.model.persistence import is_converted, load_converted

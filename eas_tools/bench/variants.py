@@ -135,19 +135,18 @@ def build_geometry_eas(name: str, plan: SkipPlan, workdir: Path, *, seed: int = 
 
 
 def store_pair(store_root: Path, model: str, version: str | None = None) -> VariantDirs:
-    """A converted store version (default: the active one) and its unskipped parent."""
-    from model_store import ModelStore, StoreError
+    """A converted store version (default: the active one) and its unskipped parent, as the service would
+    serve them (`model_store.serving.served_versions`). Their checksums are verified when they are loaded."""
+    from model_store import ModelStore, StoreError, served_versions
 
     try:
-        store = ModelStore.open(store_root)
-        info = store.get_version(model, version)
+        served = served_versions(ModelStore(store_root), model, version)
     except StoreError as exc:
         raise BenchSetupError(f"model store {store_root}: {exc}") from exc
-    if info.kind != "converted":
+    info = served[0].info
+    if served[0].variant != "eas":
         raise BenchSetupError(f"{model}:{info.version} is a {info.kind} version; benchmark a converted version "
                               "(it is compared with its unskipped parent)")
-    parent = store.baseline_of(model, info.version)
-    if parent is None:
+    if len(served) < 2:
         raise BenchSetupError(f"{model}:{info.version} has no unskipped parent in the store")
-    return VariantDirs(baseline=store.path_for_loading(parent.name, parent.version),
-                       eas=store.path_for_loading(info.name, info.version), source=f"store:{model}:{info.version}")
+    return VariantDirs(baseline=served[1].info.path, eas=info.path, source=f"store:{model}:{info.version}")

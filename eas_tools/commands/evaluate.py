@@ -51,7 +51,8 @@ def _load(spec: str, store: Path | None) -> LoadedModel:
     root = resolve_store(store, create=False)[0]
     name, _, version = spec.partition(":")
     try:
-        return ModelStore(root).load(name, version or None, device="auto")
+        info = ModelStore(root).verify(name, version or None)  # every checksum, once: load_model need not
+        return load_model(info.path, device="auto", name=info.ref, verify=False)
     except Exception as exc:  # unknown name or version, a corrupted version, unreadable files
         fail(f"model store {root}: {exc}")
 

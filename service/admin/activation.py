@@ -11,6 +11,7 @@ from concurrent.futures import Future
 
 from model_store import ModelStore
 from service.lifecycle import Service, run_in_daemon_thread
+from service.runner.resolve import store_variants
 from service.runner.runner import VariantInfo
 
 log = logging.getLogger(__name__)
@@ -19,17 +20,7 @@ log = logging.getLogger(__name__)
 def variants_of(store: ModelStore, name: str, version: str, load_baseline: bool) -> list[VariantInfo]:
     """What serving `name:version` means: a converted version as `eas` (+ its baseline), a baseline alone.
     Verifies every file's checksum first (store I/O: call off the event loop)."""
-    info = store.get_version(name, version)
-    path = store.path_for_loading(name, version)
-    if info.kind != "converted":
-        return [VariantInfo(variant="baseline", model=name, version=version, kind=info.kind, path=path)]
-    variants = [VariantInfo(variant="eas", model=name, version=version, kind=info.kind, path=path,
-                            parent=":".join(info.parent) if info.parent else None)]
-    base = store.baseline_of(name, version) if load_baseline else None
-    if base is not None:
-        variants.append(VariantInfo(variant="baseline", model=base.name, version=base.version, kind=base.kind,
-                                    path=store.path_for_loading(base.name, base.version)))
-    return variants
+    return store_variants(store, name, version, load_baseline=load_baseline)
 
 
 class Activator:

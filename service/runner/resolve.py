@@ -8,19 +8,25 @@ unskipped model it is compared with.
   served as `eas`, with `EAS_BASELINE_PATH` (if set) as `baseline`. Not converted (a plain
   `save_pretrained` model), it is served as `baseline`, alone: `EAS_BASELINE_PATH` would name a second
   baseline and is refused. `EAS_BASELINE_PATH` alone is served as `baseline`.
-- Otherwise the store's active version of `EAS_MODEL` (default: the store's default model). A converted
-  version is served as `eas`, with its unskipped parent (`baseline_of`) as `baseline` unless
-  `EAS_LOAD_BASELINE=false`; an active baseline version is served alone, as `baseline`. (`eas import`
-  and the admin import refuse converted directories, so a store's `baseline` kind is never converted.)
+- Otherwise the store's active version of `EAS_MODEL` (default: the store's default model; a store with no
+  model is seeded with the embedded demo model first, service/seed.py). A converted version is served as
+  `eas`, with its unskipped parent (`baseline_of`) as `baseline` unless `EAS_LOAD_BASELINE=false`; an
+  active baseline version is served alone, as `baseline` (`model_store.serving.served_versions`, which the
+  bench uses too). (`eas import` and the admin import refuse converted directories, so a store's
+  `baseline` kind is never converted.)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eas.manifest import ModelFilesError
 from service.runner.runner import VariantInfo
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from model_store import ModelStore
 
 
 def resolve_variants(settings: Settings) -> list[VariantInfo]:
@@ -64,23 +70,28 @@ def _local(variant: str, path: Path, settings: Settings) -> VariantInfo:
 
 
 def _from_store(settings: Settings) -> list[VariantInfo]:
-    from model_store import ModelStore  # imported lazily: path-only deployments never touch the store
+    from service.seed import open_seeded  # imported lazily: path-only deployments never touch the store
 
-    store = ModelStore.open(settings.model_store)
+    store = open_seeded(settings.model_store)  # a fresh store serves the embedded demo model
     name = settings.model or store.default_model()
     if name is None:
         raise LookupError(f"the model store at {settings.model_store} is empty: import or convert a model, "
                           "or serve a directory with EAS_MODEL_PATH")
-    active = store.get_version(name)
-    path = store.path_for_loading(active.name, active.version)  # verifies checksums
-    if active.kind != "converted":
-        return [VariantInfo(variant="baseline", model=active.name, version=active.version, kind=active.kind,
-                            path=path)]
-    variants = [VariantInfo(variant="eas", model=active.name, version=active.version, kind=active.kind,
-                            path=path, parent=":".join(active.parent) if active.parent else None)]
-    if settings.load_baseline:
-        base = store.baseline_of(active.name, active.version)
-        if base is not None:
-            variants.append(VariantInfo(variant="baseline", model=base.name, version=base.version,
-                                        kind=base.kind, path=store.path_for_loading(base.name, base.version)))
+    return store_variants(store, name, load_baseline=settings.load_baseline)
+
+
+def store_variants(store: ModelStore, name: str, version: str | None = None, *,
+                   load_baseline: bool = True) -> list[VariantInfo]:
+    """The variants serving `name:version` (default: the active version) means, the default first
+    (`model_store.serving.served_versions`), each verified against its checksums here, once: the loader
+    then does not hash the files again (`VariantInfo.verified`). `ModelFilesError` names a bad file before
+    anything is loaded. Store I/O: call it off the event loop."""
+    from model_store.serving import served_versions
+
+    variants = []
+    for served in served_versions(store, name, version, with_baseline=load_baseline):
+        info = served.info
+        variants.append(VariantInfo(variant=served.variant, model=info.name, version=info.version, kind=info.kind,
+                                    path=store.path_for_loading(info.name, info.version),
+                                    parent=":".join(info.parent) if info.parent else None, verified=True))
     return variants

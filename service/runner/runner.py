@@ -32,6 +32,9 @@ class VariantInfo:
     kind: str  # "converted" or "baseline" (store kind; "local" for directories given by path)
     path: Path
     parent: str | None = None
+    # True when the model store has just checked every file against its manifest (service/runner/resolve.py):
+    # the loader then does not hash them a second time. A directory given by path is verified by the loader.
+    verified: bool = False
 
 
 class ModelRunner:

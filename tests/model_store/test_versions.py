@@ -214,6 +214,36 @@ def test_import_directory_copies_and_checks_the_source_manifest(store: ModelStor
     assert tree(store.root / ".staging") == []
 
 
+def test_import_if_empty_imports_only_the_first_model(store: ModelStore, tmp_path: Path) -> None:
+    src = make_model_dir(tmp_path / "src", b"first weights")
+    with pytest.raises(NotFound, match="not a directory"):
+        store.import_if_empty("first", tmp_path / "missing")
+    info = store.import_if_empty("first", src, metadata={"origin": "test"})
+    assert info is not None and (info.ref, info.kind, info.active, info.parent) == ("first:v1", "baseline", True, None)
+    assert info.metadata == {"origin": "test"} and (info.path / "model.safetensors").read_bytes() == b"first weights"
+    assert store.import_if_empty("first", src) is None  # the store holds a model now: nothing is copied
+    assert store.import_if_empty("second", src) is None
+    assert store.list_models() == ["first"] and [v.version for v in store.list_versions("first")] == ["v1"]
+    assert tree(store.root / ".staging") == []
+
+
+def test_import_if_empty_rechecks_under_the_write_lock(store: ModelStore, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process adds a model while this one is still copying: the copy is discarded, not published."""
+    import model_store.store as store_module
+
+    real_copy = store_module._copy_verified
+
+    def copy_while_another_writer_wins(src: Path, dst: Path) -> None:
+        real_copy(src, dst)
+        ModelStore(store.root).add_version("winner", dummy_writer(), kind="baseline")
+
+    monkeypatch.setattr(store_module, "_copy_verified", copy_while_another_writer_wins)
+    assert store.import_if_empty("late", make_model_dir(tmp_path / "src")) is None
+    assert store.list_models() == ["winner"]
+    assert tree(store.root / "models" / "late") == [] and tree(store.root / ".staging") == []
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [

@@ -63,7 +63,7 @@ def test_token_verifier() -> None:
 
 @pytest.fixture
 def store(tmp_path: Path, model_dirs: ModelDirs) -> ModelStore:
-    store = ModelStore.open(tmp_path / "store", seed=False)
+    store = ModelStore(tmp_path / "store")
     store.import_directory("tiny", model_dirs.baseline)  # v1, baseline, active (first version)
     return store
 
