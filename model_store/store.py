@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from eas.files import copy_tree
 from eas.manifest import MANIFEST_NAME, ModelFilesError, verify_manifest
 from model_store import registry, versions
 from model_store.errors import InvalidName, NotFound, StoreError, VersionWriteError
@@ -30,7 +30,6 @@ from model_store.registry import DB_NAME, KINDS, Kind, Registry, VersionInfo
 log = logging.getLogger(__name__)
 
 _DEFAULT_MODEL_KEY = "default_model"
-_COPY_IGNORE = shutil.ignore_patterns("__pycache__", ".git")
 
 
 class ModelStore:
@@ -347,32 +346,6 @@ class ModelStore:
         if default is None:
             raise NotFound("the model store is empty: no model to serve")
         return default
-
-
-class _CopyFailed(Exception):
-    """Carries a file copy's OSError through copytree, which would otherwise catch it and go on."""
-
-    def __init__(self, error: OSError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-def _copy_file(src: str, dst: str, *, follow_symlinks: bool = True) -> object:
-    try:
-        return shutil.copy2(src, dst, follow_symlinks=follow_symlinks)
-    except OSError as exc:
-        raise _CopyFailed(exc) from exc
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    """Copy a directory's contents into `dst` (symlinks followed), stopping at the first failed file with
-    its own OSError."""
-    # copytree collects per-file errors into one shutil.Error (errno None, the causes flattened to
-    # strings) after trying every remaining file, so a full disk came back without ENOSPC.
-    try:
-        shutil.copytree(src, dst, dirs_exist_ok=True, ignore=_COPY_IGNORE, copy_function=_copy_file)
-    except _CopyFailed as failed:
-        raise failed.error from None
 
 
 def _copy_verified(src: Path, dst: Path) -> None:

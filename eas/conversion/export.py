@@ -6,9 +6,11 @@ layers' attention tensors, plan in `text_config.eas`) and reloads it through the
 reloaded model's logits on a probe batch must match the *unfolded* trained model's, so every conversion
 proves that what it stores is what it trained.
 
-Publishing copies that directory plus the conversion record (plan.json, conversion.json) into the store
-with `ModelStore.add_version` — all or nothing, kind "converted", parent = the source version — or into a
+Publishing copies that directory plus the conversion record (plan.json, conversion.json) into a model store
+through its `add_version` — all or nothing, kind "converted", parent = the source version — or into a
 fresh `--out` directory (written beside it, renamed into place). The source directory is only ever read.
+The library does not import the store: it talks to whatever the caller opened through `VersionStore`, the
+few methods it needs (`model_store.ModelStore` is one).
 """
 
 from __future__ import annotations
@@ -19,18 +21,17 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from eas.conversion.errors import ConversionFailed, check_cancel
+from eas.files import copy_tree
 from eas.manifest import write_manifest
 from eas.model.fold import fold_model
 from eas.model.loading import LoadedModel, load_model
 from eas.model.persistence import save_converted
-from model_store import ModelStore, VersionInfo
-from model_store.store import copy_tree
 
 PLAN_FILE = "plan.json"
 REPORT_FILE = "conversion.json"
@@ -78,9 +79,30 @@ def _write_record(directory: Path, plan_json: str, report: dict[str, Any]) -> No
     (directory / REPORT_FILE).write_text(json.dumps(report, indent=1, sort_keys=True, allow_nan=False))
 
 
-def publish_to_store(store: ModelStore, name: str, parent: VersionInfo, model_dir: Path, plan_json: str,
+class StoredVersion(Protocol):
+    """What a conversion reads of a store version (`model_store.VersionInfo` is one)."""
+
+    name: str
+    version: str
+    ref: str
+    path: Path
+
+
+class VersionStore(Protocol):
+    """The part of a model store a conversion uses (`model_store.ModelStore` is one): read the source
+    version, verify its files, add the converted version."""
+
+    def get_version(self, name: str, version: str | None = None) -> StoredVersion: ...
+
+    def verify(self, name: str, version: str | None = None) -> StoredVersion: ...
+
+    def add_version(self, name: str, write: Any, *, kind: Any, parent: tuple[str, str] | None = None,
+                    metadata: dict[str, Any] | None = None, activate: bool = False) -> StoredVersion: ...
+
+
+def publish_to_store(store: VersionStore, name: str, parent: StoredVersion, model_dir: Path, plan_json: str,
                      report: dict[str, Any], metadata: dict[str, Any], *, activate: bool,
-                     cancel: threading.Event | None = None) -> VersionInfo:
+                     cancel: threading.Event | None = None) -> StoredVersion:
     """A new converted version of `name` (parent = the source version); the store is untouched on failure."""
 
     def write(directory: Path) -> None:

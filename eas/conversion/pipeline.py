@@ -43,14 +43,13 @@ from eas.conversion.criteria import (
 from eas.conversion.data import EASY_VQA, ConversionData, load_dataset, load_images
 from eas.conversion.errors import Cancelled, ConversionFailed, check_cancel
 from eas.conversion.evaluate import Accuracy, Latency, easy_vqa_accuracy, exact_match, interleaved_latency
-from eas.conversion.export import FoldCheck, fold_and_save, publish_to_directory, publish_to_store
+from eas.conversion.export import FoldCheck, VersionStore, fold_and_save, publish_to_directory, publish_to_store
 from eas.conversion.training import TrainingConfig, TrainingReport, mean_loss, train_plan
 from eas.model.adapters import AdapterConfig
 from eas.model.arch import locate_decoder
 from eas.model.loading import LoadedModel, load_model, resolve_device
 from eas.model.persistence import is_converted
 from eas.model.plan import SkipPlan
-from model_store import ModelStore
 
 STAGES = ("load", "criterion", "train", "fold", "evaluate", "export")
 DEFAULT_STEPS = 1500  # recovers 75%-skipped demo accuracy (docs/conversion.md); ~2 min on one CPU thread
@@ -227,10 +226,11 @@ def _accuracy(loaded: LoadedModel, data: ConversionData, request: ConversionRequ
 
 def convert(request: ConversionRequest, progress: Callable[[ProgressEvent], None] | None = None,
             cancel: threading.Event | None = None, *,
-            open_store: Callable[[Path], ModelStore] = ModelStore) -> ConversionResult:
+            open_store: Callable[[Path], VersionStore]) -> ConversionResult:
     """Run a whole conversion (see the module docstring). Raises DatasetError, ConversionFailed,
     Cancelled or the store's errors (NotFound, ...); in every such case nothing was written.
-    `open_store` opens `request.store` once the dataset is accepted (`eas convert` seeds a new store there)."""
+    `open_store` opens `request.store` once the dataset is accepted: `model_store.ModelStore`, or an opener
+    that also seeds a new store (`eas convert --create-store`); the library never imports the store itself."""
     if request.threads is None:
         return _convert(request, progress, cancel, open_store)
     # On a shared CPU, fewer threads than cores can be many times faster: OpenMP workers that wait for a
@@ -244,7 +244,7 @@ def convert(request: ConversionRequest, progress: Callable[[ProgressEvent], None
 
 
 def _convert(request: ConversionRequest, progress: Callable[[ProgressEvent], None] | None,
-             cancel: threading.Event | None, open_store: Callable[[Path], ModelStore]) -> ConversionResult:
+             cancel: threading.Event | None, open_store: Callable[[Path], VersionStore]) -> ConversionResult:
     started = time.perf_counter()
     report = _Progress(progress, request.criterion)
     seconds: dict[str, float] = {}

@@ -9,14 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from eas.conversion import pipeline
 from eas.conversion.data import DatasetError
 from eas.conversion.errors import Cancelled, ConversionFailed
 from eas.conversion.export import PLAN_FILE, REPORT_FILE
-from eas.conversion.pipeline import STAGES, ProgressEvent, convert
+from eas.conversion.pipeline import STAGES, ConversionRequest, ConversionResult, ProgressEvent
 from eas.model.loading import load_model
 from eas.model.plan import SkipPlan
 from model_store import ModelStore
 from tests.conversion.conftest import fast_request
+
+
+def convert(request: ConversionRequest, **kwargs: object) -> ConversionResult:
+    """The library's convert() against the tests' real model store (the library never opens one itself)."""
+    return pipeline.convert(request, open_store=ModelStore, **kwargs)  # type: ignore[arg-type]
 
 
 def _snapshot(store: ModelStore) -> dict:
