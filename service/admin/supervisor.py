@@ -1,6 +1,6 @@
 """Start, watch and stop conversion worker processes.
 
-A conversion runs as `python -m eas.conversion.job` in its own process group, so an exception, an
+A conversion runs as `python -m service.admin.worker` in its own process group, so an exception, an
 out-of-memory kill or a segfault in it never reaches the server. The supervisor thread starts queued jobs
 (one at a time by default: a conversion already uses every core), reaps finished workers, and turns a
 worker that died without recording a terminal status into a failed job that says how it died. A cancel
@@ -188,7 +188,7 @@ class JobSupervisor:
     def worker_command(self, job_id: str) -> list[str]:
         """The worker's command line: how much it yields to serving comes from the settings, explicitly."""
         settings = self.settings
-        return [self.python, "-m", "eas.conversion.job", "--store", str(self.store.root),
+        return [self.python, "-m", "service.admin.worker", "--store", str(self.store.root),
                 "--nice", str(settings.job_nice), "--threads", str(job_thread_count(settings.job_threads)),
                 "--pin" if settings.job_pin else "--no-pin", job_id]
 

@@ -1,5 +1,5 @@
 """Run one stored conversion job in this process:
-`python -m eas.conversion.job --store DIR [--nice N] [--threads N] [--pin] JOB_ID`.
+`python -m service.admin.worker --store DIR [--nice N] [--threads N] [--pin] JOB_ID`.
 
 The service starts this in a separate worker process (service/admin/supervisor.py), so a crash or an
 out-of-memory in a conversion never takes the server down. Everything the job says goes through the
@@ -18,26 +18,19 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
 from eas.conversion.data import DatasetError
 from eas.conversion.errors import Cancelled, ConversionFailed
-from eas.conversion.pipeline import ConversionRequest, ProgressEvent, convert
+from eas.conversion.job import build_request
+from eas.conversion.pipeline import ProgressEvent, convert
 from model_store import ModelStore
 from model_store.errors import StoreError
 
 log = logging.getLogger(__name__)
 
-# The fields of ConversionRequest that the server decides for a job, never its submitter: where the result
-# goes and how progress is shown. `activate` is the server's too: the worker never flips the active version;
-# the server loads and warms the new version and only then marks it active (hot activation,
-# service/admin/supervisor.py), so the store never names as active a version the server has not shown it can
-# serve. The admin API's request body is ConversionRequest less these (service/admin/requests.py).
-SERVER_FIELDS = frozenset({"store", "out", "show_progress_bar", "activate"})
 PROGRESS_INTERVAL_S = 0.5
 CANCEL_POLL_S = 0.5
 
@@ -55,15 +48,6 @@ def yield_to_serving(nice: int, threads: int, pin: bool) -> tuple[int, int]:
             os.sched_setaffinity(0, cpus[-threads:])  # off the cores the server's threads wake on first
         torch.set_num_threads(threads)
     return niceness, torch.get_num_threads()
-
-
-def build_request(store_root: Path, fields: Mapping[str, Any]) -> ConversionRequest:
-    """The ConversionRequest a job runs: `fields` (model, version and the submitter's conversion parameters)
-    with the server-owned ones set by the server. The one validation of a job's parameters: the admin API
-    runs it on a request before queueing the job, the worker on the stored job. Raises pydantic's
-    ValidationError for bad parameters."""
-    submitted = {k: v for k, v in fields.items() if k not in SERVER_FIELDS}
-    return ConversionRequest(**submitted, store=store_root, show_progress_bar=False)
 
 
 class _ProgressWriter:
@@ -102,7 +86,7 @@ def run_job(store_root: Path, job_id: str) -> str:
     watcher.start()
     try:
         request = build_request(store_root, {**job.params, "model": job.model, "version": job.source_version})
-        result = convert(request, progress=_ProgressWriter(store, job_id), cancel=cancel)
+        result = convert(request, progress=_ProgressWriter(store, job_id), cancel=cancel, open_store=ModelStore)
         # The compact facts; the full record (training curve, cost model, ...) is conversion.json in the version.
         summary = {**result.summary(), "plan": result.plan.model_dump(mode="json")}
         store.jobs.update(job_id, status="succeeded", progress=1.0, stage="done", result=summary)

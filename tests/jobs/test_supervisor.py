@@ -1,7 +1,7 @@
 """Conversion jobs in worker processes: success, kill -9 mid-job, server restart, cancel, the settings a
 worker gets, expiry of finished jobs.
 
-Most tests run real `python -m eas.conversion.job` workers on a tiny model; bounded by deadlines.
+Most tests run real `python -m service.admin.worker` workers on a tiny model; bounded by deadlines.
 """
 
 from __future__ import annotations
