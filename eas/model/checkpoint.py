@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, PreTrainedModel
 
 from eas.model.arch import UnsupportedModelError, locate_decoder
 from eas.model.convert import stored_conversion
+from eas.model.persistence import quiet_transformers
 from eas.model.prompting import build_prompt
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -118,7 +116,7 @@ def _read_config(path: Path) -> PretrainedConfig:
 def _build_on_meta(path: Path, config: PretrainedConfig) -> PreTrainedModel:
     """The class `load_model` would use, with every tensor on the meta device (shapes only, no memory)."""
     try:
-        with torch.device("meta"), _quiet():
+        with torch.device("meta"), quiet_transformers():
             return AutoModelForImageTextToText.from_config(config)
     except ValueError as exc:  # a config class the image-text-to-text auto class does not know
         raise CheckpointError(f"{path}: unsupported model class {', '.join(config.architectures or ['?'])} "
@@ -195,7 +193,7 @@ def _load_processor(path: Path):
         raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); save the "
                               "processor with processor.save_pretrained")
     try:
-        with _quiet():
+        with quiet_transformers():
             processor = AutoProcessor.from_pretrained(path)
     except Exception as exc:  # missing or malformed processor files surface as many exception types
         raise CheckpointError(f"{path}: processor cannot be loaded with AutoProcessor: {_one_line(exc)}") from exc
@@ -216,12 +214,3 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """transformers logs warnings about the configs and processors it is handed; the check reports its own."""
-    previous = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(previous)

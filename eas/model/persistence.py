@@ -12,6 +12,7 @@ way, re-applies the conversion and loads the EAS tensors strictly.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,8 +52,9 @@ def is_converted(path: str | Path) -> bool:
 
 
 @contextmanager
-def _quiet_transformers():
-    """The stock loader prints a load report of the keys we expect to differ; we check them ourselves."""
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own warnings off for a block: the stock loader prints a load report of the keys we
+    expect to differ, and the checkpoint check reports what it finds itself."""
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
@@ -80,7 +82,7 @@ def load_stock(path: Path, config=None) -> tuple[PreTrainedModel, dict]:
         if not file.is_file():
             raise ModelFilesError(f"{path}: tensor file {file.name} is missing")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     except Exception as exc:  # safetensors/OS errors on a damaged file: name it, never crash the caller
         raise ModelFilesError(f"{path}: model weights could not be read ({type(exc).__name__}: {exc})") from exc
