@@ -42,7 +42,11 @@ def convert_command(
     model: Annotated[str, typer.Option(help="model name in the store")],
     dataset: Annotated[str, typer.Option(help=f"'{EASY_VQA}' or a JSONL file of {{image, question, answer}}")]
     = EASY_VQA,
-    criterion: Annotated[str, typer.Option(help="eas | cosine | kl | uniform | deepest")] = "eas",
+    criterion: Annotated[str | None, typer.Option(help="eas | cosine | kl | recovery | uniform | deepest "
+                                                       "(default eas, or the preset's)")] = None,
+    preset: Annotated[str | None, typer.Option(help="quick: recovery criterion with 30-step probes, 500 steps at "
+                                                    "lr 4e-3, accuracy on 1,000 test questions; options given "
+                                                    "explicitly still win (docs/conversion.md)")] = None,
     version: Annotated[str | None, typer.Option(help="source version (default: the active one)")] = None,
     skip_count: Annotated[int | None, typer.Option(help="skip this many attention layers")] = None,
     skip_fraction: Annotated[float | None, typer.Option(help="skip this fraction of the attention layers")] = None,
@@ -77,13 +81,15 @@ def convert_command(
 
     search = {} if search_steps is None else {"steps": search_steps}
     try:
-        request = ConversionRequest(
+        fields = dict(
             store=store, model=model, version=version, dataset=dataset, criterion=criterion,
             skip_count=skip_count, skip_fraction=skip_fraction, target_speedup=target_speedup,
             steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, eval_limit=eval_limit,
             evaluate_accuracy=not no_accuracy, include_layer0=include_layer0, activate=activate, out=out,
-            device=device, threads=threads, search=search,
+            device=device, threads=threads, search=search, preset=preset,
         )
+        # An option left out is not passed at all, so the preset (or the field's own default) fills it.
+        request = ConversionRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         _fail(_validation_message(exc), 2)
     require_store(store, create=create_store)

@@ -6,7 +6,8 @@
 Each cell is one full `convert()` (search, training, fold, evaluation) written to a scratch `--out`
 directory, so the store only ever holds the source; one JSON line per cell is appended to `--out`
 (cells already present there are skipped, so an interrupted grid resumes), then a Markdown table of
-all cells is printed.
+all cells is printed. `--request '{"preset": "quick"}'` runs a preset's settings (its criterion and
+evaluation subset excepted: the grid names the criterion and measures the full split unless --eval-limit).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from eas.conversion.pipeline import ConversionRequest, convert
+from model_store import ModelStore
 
 
 def _cell_key(criterion: str, fraction: float) -> str:
@@ -47,7 +49,7 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
                     **extra,
                 )
                 started = time.perf_counter()
-                result = convert(request)
+                result = convert(request, open_store=ModelStore)
                 row = {"criterion": criterion, "fraction": fraction, "wall_s": time.perf_counter() - started,
                        **result.summary(), "request": json.loads(request.model_dump_json())}
             finally:
@@ -72,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--criteria", nargs="+", default=["eas", "cosine", "kl", "uniform", "deepest"])
+    parser.add_argument("--criteria", nargs="+", default=["eas", "cosine", "kl", "recovery", "uniform", "deepest"])
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.5, 0.75])
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -120,7 +120,7 @@ def _source_with_dead_attention(jsonl: Path, dead: tuple[int, ...]) -> Criterion
         optimizer.step()
         optimizer.zero_grad()
     model.eval().requires_grad_(False)
-    ctx.lr, ctx.recovery = 1e-2, RecoverySettings(steps=20)
+    ctx.recovery = RecoverySettings(steps=20, lr=1e-2)
     return ctx
 
 
@@ -142,3 +142,13 @@ def test_recovery_needs_held_out_rows(shapes_jsonl: Path) -> None:
     ctx.data.validation = []
     with pytest.raises(ValueError, match="held-out validation rows"):
         run_criterion("recovery", ctx)
+
+
+def test_recovery_probes_use_their_own_lr(shapes_jsonl: Path) -> None:
+    # The request's stage-2 lr (ctx.lr) does not change the measurement; the probe's own lr does.
+    base = run_criterion("recovery", _context(shapes_jsonl, k=1)).scores
+    ctx = _context(shapes_jsonl, k=1)
+    ctx.lr = 0.5
+    assert run_criterion("recovery", ctx).scores == base
+    ctx.recovery = RecoverySettings(steps=3, lr=0.05)
+    assert run_criterion("recovery", ctx).scores != base

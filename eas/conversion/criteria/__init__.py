@@ -58,6 +58,10 @@ class RecoverySettings(BaseModel):
     steps: int = Field(50, gt=0, description="training steps of each one-layer probe")
     held_out_rows: int | None = Field(None, gt=0, description="held-out rows each probe is measured on; "
                                                                 "None = all validation rows")
+    # Not the request's lr: a probe is a measurement and must stay one when stage 2 is tuned. A short
+    # schedule's higher stage-2 rate (the quick preset's 4e-3) made 30-step probes of the demo model rank
+    # its least recoverable layer first (docs/conversion.md).
+    lr: float | None = Field(None, gt=0, description="peak lr of each probe; None = 9e-3 * batch / 256")
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 For every candidate layer ℓ, a copy of the source model is converted with the one-layer plan [ℓ] and
 trained exactly as stage 2 would train it (`train_plan`: PIA for ℓ, kept-layer adapters elsewhere, base
-frozen), only for `recovery.steps` steps; the score is **−L_ℓ**, the held-out answer loss after that
-training (higher = more redundant). Every probe uses the same seed, so the same adapter initialisation and
+frozen), only for `recovery.steps` steps at `recovery.lr` (default: the reference rule, whatever the
+request's stage-2 lr); the score is **−L_ℓ**, the held-out answer loss after that training (higher = more
+redundant). Every probe uses the same seed, so the same adapter initialisation and
 the same training batches: the layers differ only in which attention was removed.
 
 Why not the immediate harm (`kl`, `cosine`, or the loss with untrained adapters): on the embedded demo
@@ -38,7 +39,7 @@ class Recovery:
         held_out = ctx.data.validation[: settings.held_out_rows]
         if not held_out:
             raise ValueError("the recovery criterion needs held-out validation rows to measure each probe")
-        cfg = TrainingConfig(steps=settings.steps, batch_size=ctx.batch_size, lr=ctx.lr, seed=ctx.seed)
+        cfg = TrainingConfig(steps=settings.steps, batch_size=ctx.batch_size, lr=settings.lr, seed=ctx.seed)
         recovered: dict[int, float] = {}
         untrained: dict[int, float] = {}
         probes = len(ctx.candidates)
