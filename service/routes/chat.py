@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from service.deps import INFERENCE_GUARDS, MetricsDep, ServiceDep, SettingsDep
 from service.errors import UnsupportedMediaType
@@ -24,20 +25,52 @@ from service.validation.requests import is_json, media_type, read_json, request_
 
 router = APIRouter(tags=["openai"], dependencies=INFERENCE_GUARDS)
 
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None  # never computed; present because OpenAI's clients expect the key
+    finish_reason: Literal["stop", "length"]  # end of sequence, or max_tokens reached
+
+
+class Usage(BaseModel):
+    prompt_tokens: int  # image tokens included
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
 _REQUEST_BODY = {"content": {"application/json": {"schema": standalone_schema(ChatCompletionRequest)}},
                  "required": True}
+# The JSON body's schema comes from response_model; the stream's events are not one JSON document.
 _RESPONSES: dict[int | str, dict[str, Any]] = {200: {
     "description": "A chat completion; with `stream: true`, Server-Sent Events of completion chunks.",
-    "content": {"application/json": {}, "text/event-stream": {}}}}
+    "content": {"text/event-stream": {}}}}
 
 
-@router.post("/v1/chat/completions", responses=_RESPONSES, openapi_extra={"requestBody": _REQUEST_BODY})
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_RESPONSES,
+             openapi_extra={"requestBody": _REQUEST_BODY})
 async def chat_completions(
     request: Request,
+    response: Response,
     service: ServiceDep,
     settings: SettingsDep,
     metrics: MetricsDep,
-) -> Any:
+) -> ChatCompletion | StreamingResponse:
     if not is_json(media_type(request)):
         raise UnsupportedMediaType("Content-Type must be application/json")
     body: ChatCompletionRequest = validate_model(ChatCompletionRequest, await read_json(request))
@@ -55,26 +88,19 @@ async def chat_completions(
         return StreamingResponse(chunks, media_type="text/event-stream",
                                  headers={**outcome.headers(), "cache-control": "no-cache"})
     generation = outcome.generation
-    return JSONResponse({
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model_id,
-        "system_fingerprint": _fingerprint(outcome),
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": generation.text},
-            "logprobs": None,
-            "finish_reason": generation.finish_reason,
-        }],
-        "usage": _usage(outcome),
-    }, headers=outcome.headers())
+    response.headers.update(outcome.headers())
+    return ChatCompletion(
+        id=completion_id, created=created, model=model_id, system_fingerprint=_fingerprint(outcome),
+        choices=[ChatChoice(index=0, message=AssistantMessage(content=generation.text),
+                            finish_reason=generation.finish_reason)],
+        usage=_usage(outcome),
+    )
 
 
-def _usage(outcome: Outcome) -> dict[str, int]:
+def _usage(outcome: Outcome) -> Usage:
     g = outcome.generation
-    return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
-            "total_tokens": g.prompt_tokens + g.completion_tokens}
+    return Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
+                 total_tokens=g.prompt_tokens + g.completion_tokens)
 
 
 def _fingerprint(outcome: Outcome) -> str:
@@ -96,5 +122,5 @@ async def _stream(
     yield event([{"index": 0, "delta": {"content": generation.text}, "finish_reason": None}])
     yield event([{"index": 0, "delta": {}, "finish_reason": generation.finish_reason}])
     if include_usage:
-        yield event([], usage=_usage(outcome))
+        yield event([], usage=_usage(outcome).model_dump())
     yield b"data: [DONE]\n\n"

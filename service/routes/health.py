@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from service.deps import ServiceDep
 from service.errors import ServiceUnavailable, error_response
@@ -12,17 +15,29 @@ from service.errors import ServiceUnavailable, error_response
 router = APIRouter(tags=["health"])
 
 
+class Liveness(BaseModel):
+    status: Literal["alive"] = "alive"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"] = "ready"
+    default_variant: str | None
+    variants: list[str]
+
+
 @router.get("/health/live")
-async def live() -> JSONResponse:
-    return JSONResponse({"status": "alive"})
+async def live() -> Liveness:
+    return Liveness()
 
 
-@router.get("/health/ready")
-@router.get("/health")
-async def ready(request: Request, service: ServiceDep) -> JSONResponse:
+# Not ready is answered with the error shape returned, not raised (raising would count the probe as a
+# rejected request); so the annotation includes JSONResponse and the response model is named here.
+@router.get("/health/ready", response_model=Readiness)
+@router.get("/health", response_model=Readiness)
+async def ready(request: Request, service: ServiceDep) -> Readiness | JSONResponse:
     try:
         service.check_accepting()
     except ServiceUnavailable as exc:  # the common error shape, naming the phase; not a "rejection"
         return error_response(request, exc, count=False)
-    return JSONResponse({"status": "ready", "default_variant": service.registry.default_variant,
-                         "variants": [s.variant for s in service.registry.all()]})
+    return Readiness(default_variant=service.registry.default_variant,
+                     variants=[s.variant for s in service.registry.all()])

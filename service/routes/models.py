@@ -2,16 +2,75 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from service.deps import ServiceDep, require_api_token
 from service.lifecycle import Service
 from service.runner.registry import ServedVariant
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_token)])
+
+
+class ModelCard(BaseModel):
+    """One served variant, as an OpenAI model object plus what this server knows about it."""
+
+    id: str  # the variant: what a chat request's `model` names
+    object: Literal["model"] = "model"
+    created: int  # when this server started
+    owned_by: str = "eas-serve"
+    root: str
+    parent: str | None
+    model: str
+    version: str
+    variant: str
+    kind: str
+    default: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class VariantView(BaseModel):
+    variant: str
+    model: str
+    version: str
+    kind: str
+    parent: str | None
+    device: str
+    dtype: str
+    skipped_layers: list[int]
+
+
+class BatchingView(BaseModel):
+    max_batch_size: int
+    max_batch_wait_ms: float
+    max_queue_size: int
+    default_deadline_ms: int
+    max_deadline_ms: int
+
+
+class LimitsView(BaseModel):
+    max_body_bytes: int
+    max_image_pixels: int
+    max_image_side: int
+    allowed_image_formats: list[str]
+    max_question_chars: int
+    max_new_tokens: int
+    default_max_new_tokens: int
+    url_fetch: bool
+
+
+class Info(BaseModel):
+    phase: str
+    default_variant: str | None  # None while nothing is loaded
+    variants: list[VariantView]
+    batching: BatchingView
+    limits: LimitsView
 
 
 def default_first(service: Service) -> list[ServedVariant]:
@@ -22,42 +81,29 @@ def default_first(service: Service) -> list[ServedVariant]:
 
 
 @router.get("/v1/models")
-async def list_models(service: ServiceDep) -> JSONResponse:
+async def list_models(service: ServiceDep) -> ModelList:
     default = service.registry.default_variant
-    data = [{
-        "id": s.variant,
-        "object": "model",
-        "created": service.started_unix,
-        "owned_by": "eas-serve",
-        "root": s.info.model,
-        "parent": s.info.parent,
-        "model": s.info.model,
-        "version": s.info.version,
-        "variant": s.variant,
-        "kind": s.info.kind,
-        "default": s.variant == default,
-    } for s in default_first(service)]
-    return JSONResponse({"object": "list", "data": data})
+    return ModelList(data=[ModelCard(
+        id=s.variant, created=service.started_unix, root=s.info.model, parent=s.info.parent, model=s.info.model,
+        version=s.info.version, variant=s.variant, kind=s.info.kind, default=s.variant == default,
+    ) for s in default_first(service)])
 
 
 @router.get("/info")
-async def info(service: ServiceDep) -> JSONResponse:
+async def info(service: ServiceDep) -> Info:
     s = service.settings
-    variants: list[dict[str, Any]] = [{
-        "variant": v.variant, "model": v.info.model, "version": v.info.version, "kind": v.info.kind,
-        "parent": v.info.parent, "device": v.runner.device, "dtype": v.runner.dtype,
-        "skipped_layers": list(v.runner.skipped_layers),
-    } for v in default_first(service)]
-    return JSONResponse({
-        "phase": service.phase.value,
-        "default_variant": service.registry.default_variant,
-        "variants": variants,
-        "batching": {"max_batch_size": s.max_batch_size, "max_batch_wait_ms": s.max_batch_wait_ms,
-                     "max_queue_size": s.max_queue_size, "default_deadline_ms": s.default_deadline_ms,
-                     "max_deadline_ms": s.max_deadline_ms},
-        "limits": {"max_body_bytes": s.max_body_bytes, "max_image_pixels": s.max_image_pixels,
-                   "max_image_side": s.max_image_side, "allowed_image_formats": s.allowed_image_formats,
-                   "max_question_chars": s.max_question_chars, "max_new_tokens": s.max_new_tokens,
-                   "default_max_new_tokens": s.default_max_new_tokens, "url_fetch": False},
-    })
-
+    return Info(
+        phase=service.phase.value,
+        default_variant=service.registry.default_variant,
+        variants=[VariantView(
+            variant=v.variant, model=v.info.model, version=v.info.version, kind=v.info.kind, parent=v.info.parent,
+            device=v.runner.device, dtype=v.runner.dtype, skipped_layers=list(v.runner.skipped_layers),
+        ) for v in default_first(service)],
+        batching=BatchingView(max_batch_size=s.max_batch_size, max_batch_wait_ms=s.max_batch_wait_ms,
+                              max_queue_size=s.max_queue_size, default_deadline_ms=s.default_deadline_ms,
+                              max_deadline_ms=s.max_deadline_ms),
+        limits=LimitsView(max_body_bytes=s.max_body_bytes, max_image_pixels=s.max_image_pixels,
+                          max_image_side=s.max_image_side, allowed_image_formats=s.allowed_image_formats,
+                          max_question_chars=s.max_question_chars, max_new_tokens=s.max_new_tokens,
+                          default_max_new_tokens=s.default_max_new_tokens, url_fetch=False),
+    )

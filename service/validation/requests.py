@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 from starlette.datastructures import UploadFile
 
 from service.errors import BadRequest, UnsupportedMediaType, ValidationFailed, describe_validation
@@ -85,6 +86,21 @@ class AnswerJSON(BaseModel):
     question: str = Field(json_schema_extra={"pattern": r"\S"})
     variant: str | None = Field(None, description="`eas`, `baseline` or `auto` (default variant).")
     max_new_tokens: int | None = Field(None, json_schema_extra={"minimum": 1})
+
+
+# The form is read by `_read_multipart` (with its own messages and `param`s); this model states the same
+# rules in the OpenAPI document, so schema-driven clients and fuzzers do not send forms the document calls
+# valid only to get a 4xx. A form field is sent or left out, never null: optional fields are documented
+# without a null choice (SkipJsonSchema; FastAPI leaves the null defaults out of the document).
+class AnswerForm(BaseModel):
+    """`POST /v1/answer` as `multipart/form-data`: an image file and a question about it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: bytes = Field(description="The image file.")
+    question: str = Field(json_schema_extra={"pattern": r"\S"})
+    variant: Literal["eas", "baseline", "auto"] | SkipJsonSchema[None] = None
+    max_new_tokens: int | SkipJsonSchema[None] = Field(None, json_schema_extra={"minimum": 1})
 
 
 async def read_answer_request(request: Request, settings: Settings) -> InferenceInput:
