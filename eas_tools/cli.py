@@ -26,7 +26,7 @@ click_errors = import_module(TyperGroup.__mro__[1].__module__.rpartition(".")[0]
 COMMANDS: dict[str, str] = {
     "serve": "eas_tools.commands.serve:serve",
     "import": "eas_tools.commands.import_checkpoint:import_command",
-    "convert": "eas.conversion.cli:convert_command",
+    "convert": "eas_tools.commands.convert:convert_command",
     "eval": "eas_tools.commands.evaluate:eval_command",
     "bench": "eas_tools.commands.bench:bench_command",
     "compare": "eas_tools.bench.compare:compare_command",
