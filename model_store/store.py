@@ -284,6 +284,16 @@ class ModelStore:
                 seen.add(info.ref)
             return info
 
+    def conversion_source(self, name: str, version: str | None = None) -> VersionInfo:
+        """The version a conversion of `name` starts from: `version` as named, or with none named the active
+        version, or its baseline when the active version is itself a conversion (converting a model that
+        already serves a conversion means converting its original again). A named converted version is
+        returned as is, for the caller to refuse."""
+        info = self.get_version(name, version)
+        if version is None and info.kind == "converted":
+            return self.baseline_of(name, info.version) or info
+        return info
+
     def default_model(self) -> str | None:
         """The model served when a request names none: the explicit setting, else the first model added;
         None for an empty store."""

@@ -86,7 +86,8 @@ class ConversionRequest(BaseModel):
                                                                 "(docs/conversion.md)")
     store: Path
     model: str
-    version: str | None = Field(None, description="source version; None = the active one")
+    version: str | None = Field(None, description="source version; None = the active one, or its baseline when "
+                                 "the active one is a conversion")
     dataset: str = Field(EASY_VQA, description="'easy-vqa' or the path of a JSONL file")
     criterion: str = "eas"
     skip_count: int | None = Field(None, gt=0)
@@ -309,7 +310,7 @@ def _convert(request: ConversionRequest, progress: Callable[[ProgressEvent], Non
     criterion = get_criterion(request.criterion)
     check_cancel(cancel, "load")
     store = open_store(request.store)
-    source_info = store.get_version(request.model, request.version)
+    source_info = store.conversion_source(request.model, request.version)
     if is_converted(source_info.path):
         raise ConversionFailed(f"{source_info.ref} is already converted; convert its baseline instead")
     if request.out is not None and Path(request.out).exists() and any(Path(request.out).iterdir()):

@@ -47,7 +47,8 @@ def convert_command(
     preset: Annotated[str | None, typer.Option(help="quick: recovery criterion with 30-step probes, 500 steps at "
                                                     "lr 4e-3, accuracy on 1,000 test questions; options given "
                                                     "explicitly still win (docs/conversion.md)")] = None,
-    version: Annotated[str | None, typer.Option(help="source version (default: the active one)")] = None,
+    version: Annotated[str | None, typer.Option(help="source version (default: the active one, or its baseline when "
+                                                           "the active one is a conversion)")] = None,
     skip_count: Annotated[int | None, typer.Option(help="skip this many attention layers")] = None,
     skip_fraction: Annotated[float | None, typer.Option(help="skip this fraction of the attention layers")] = None,
     target_speedup: Annotated[float | None, typer.Option(help="skip the fewest layers predicted to reach this "

@@ -63,7 +63,7 @@ def _unprocessable(message: str, param: str | None = None) -> ValidationFailed:
 def _check_source(store: ModelStore, request: ConversionRequest) -> str:
     """The source version (resolved), or 422 naming the field; no work is started for a bad request."""
     try:
-        info = store.get_version(request.model, request.version)
+        info = store.conversion_source(request.model, request.version)
     except store_errors.NotFound as exc:  # named in the body: the request is wrong, not the URL
         raise _unprocessable(str(exc), "model" if request.version is None else "version") from exc
     if info.kind == "converted":

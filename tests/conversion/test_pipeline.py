@@ -147,6 +147,17 @@ def test_converted_source_is_refused(tiny_store: ModelStore, shapes_jsonl: Path)
         convert(fast_request(store=tiny_store.root, dataset=str(shapes_jsonl), version="v2"))
 
 
+def test_no_version_named_converts_the_baseline_of_an_active_conversion(tiny_store: ModelStore,
+                                                                        shapes_jsonl: Path) -> None:
+    """What a fresh `make serve` store looks like (v2, a conversion, active): `eas convert` without --version
+    converts v1 again instead of refusing."""
+    convert(fast_request(store=tiny_store.root, dataset=str(shapes_jsonl), criterion="uniform", activate=True))
+    assert tiny_store.active("tiny").kind == "converted"
+    result = convert(fast_request(store=tiny_store.root, dataset=str(shapes_jsonl), criterion="uniform"))
+    assert result.source_version == "v1"
+    assert tiny_store.get_version("tiny", result.version).parent == ("tiny", "v1")
+
+
 def test_threads_apply_to_the_call_only(tiny_store: ModelStore, shapes_jsonl: Path) -> None:
     seen = []
     torch.set_num_threads(2)

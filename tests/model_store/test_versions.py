@@ -265,3 +265,13 @@ def test_invalid_requests_are_refused_before_writing(store: ModelStore, kwargs: 
         store.add_version(write=lambda d: called.append(d), **kwargs)
     assert called == []
     assert [v.version for v in store.list_versions("m")] == ["v1"]
+
+
+def test_conversion_source_is_the_baseline_when_the_active_version_is_a_conversion(store: ModelStore) -> None:
+    """Converting a model that serves a conversion converts its original again, unless a version is named."""
+    store.add_version("m", dummy_writer(b"base"), kind="baseline")
+    assert store.conversion_source("m").version == "v1"  # a baseline is its own source
+    store.add_version("m", dummy_writer(b"eas"), kind="converted", parent=("m", "v1"), activate=True)
+    assert store.active("m").version == "v2"
+    assert store.conversion_source("m").version == "v1"
+    assert store.conversion_source("m", "v2").version == "v2"  # named: as is, for the caller to refuse
