@@ -25,7 +25,6 @@ from model_store.registry import Registry, utc_now
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
-UNFINISHED: frozenset[str] = frozenset({"queued", "running"})
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 # Allowed status changes; staying in an unfinished status (progress updates) is allowed, leaving a
