@@ -102,11 +102,14 @@ async def test_mirrored_batches_are_labelled_shadow_in_a_running_service(model_d
             response = await client.post("/v1/answer", **multipart(image_bytes(), Q, variant="eas",
                                                                     max_new_tokens="2"))
             assert response.status_code == 200
-        for _ in range(600):  # the mirrors finish in the background; bounded at 30 s
-            if not app.state.shadow.pending:
+        # The mirrors finish in the background, and the last one is only scheduled (call_soon) after its
+        # request's response: "nothing pending" can be seen before it starts, so wait for all three to be
+        # counted and for none to be pending (bounded at 30 s).
+        for _ in range(600):
+            text = (await client.get("/metrics")).text
+            if not app.state.shadow.pending and value(text, "eas_shadow_requests_total", outcome="completed") >= 3:
                 break
             await asyncio.sleep(0.05)
-        text = (await client.get("/metrics")).text
     series = "eas_batch_inference_duration_seconds_count"
     assert value(text, "eas_shadow_requests_total", outcome="completed") == 3
     assert value(text, series, variant="eas", batch_size="1", traffic="live") == 3
