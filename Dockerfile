@@ -15,6 +15,7 @@ COPY pyproject.toml README.md ./
 COPY eas ./eas
 COPY service ./service
 COPY model_store ./model_store
+COPY eas_tools ./eas_tools
 # torch first and pinned; torchvision is never installed (docs/transformers-notes.md §1).
 RUN pip install torch==2.13.0 && pip install .
 

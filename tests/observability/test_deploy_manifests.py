@@ -240,3 +240,13 @@ def test_dockerfile_is_multi_stage_non_root_cuda() -> None:
     assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:", text, re.M)
     assert re.search(r"^USER eas$", text, re.M) and "EXPOSE 8000" in text
     assert "torchvision" not in text.replace("torchvision is never installed", "")
+
+
+def test_dockerfile_copies_every_package_the_install_needs() -> None:
+    """The image installs the project from the copied sources: a top-level package left out (the tools floor
+    holds the `eas` entry point) would install an `eas` command that cannot start."""
+    text = (REPO / "Dockerfile").read_text()
+    packages = sorted(p.name for p in REPO.iterdir() if (p / "__init__.py").is_file() and p.name != "tests")
+    assert "eas_tools" in packages
+    missing = [name for name in packages if not re.search(rf"^COPY {name} \./{name}$", text, re.M)]
+    assert missing == []
