@@ -165,3 +165,23 @@ def test_the_reference_check_fails_on_what_it_should() -> None:
     assert broken_references("serving-conventions §4", "x") == []
     assert broken_references("eas-method.md §8.3", "x") == []
     assert broken_references("docs/eas-method.md#no-such-heading", "x") != []
+
+
+_REPO_PATH = re.compile(r"`((?:eas|eas_tools|service|model_store|tests|examples|deploy)/[\w/.-]*)`")
+
+
+def test_the_layout_docs_match_the_tree() -> None:
+    """README's layout table and docs/architecture.md name only paths that exist, and between them name every
+    package of the four floors."""
+    texts = {name: (REPO / name).read_text() for name in ("README.md", "docs/architecture.md")}
+    missing = [f"{name}: {path}" for name, text in texts.items() for path in _REPO_PATH.findall(text)
+               if not (REPO / path).exists()]
+    assert missing == []
+    both = "\n".join(texts.values())
+    packages = sorted({p.parent.relative_to(REPO).as_posix() for floor in FORBIDDEN | {"eas_tools": ()}
+                       for p in (REPO / floor).rglob("__init__.py")})
+    def named(package: str) -> bool:  # by its path, or by its folder name inside its parent's row
+        return f"`{package}/" in both or f"`{package.rsplit('/', 1)[-1]}/`" in both
+
+    assert [p for p in packages if not named(p)] == []
+    assert not named("eas/no_such_package")  # negative control
