@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import Future
+from functools import partial
 
 from model_store import ModelStore
 from service.lifecycle import Service, run_in_daemon_thread
@@ -15,12 +16,6 @@ from service.runner.resolve import store_variants
 from service.runner.runner import VariantInfo
 
 log = logging.getLogger(__name__)
-
-
-def variants_of(store: ModelStore, name: str, version: str, load_baseline: bool) -> list[VariantInfo]:
-    """What serving `name:version` means: a converted version as `eas` (+ its baseline), a baseline alone.
-    Verifies every file's checksum first (store I/O: call off the event loop)."""
-    return store_variants(store, name, version, load_baseline=load_baseline)
 
 
 class Activator:
@@ -43,8 +38,9 @@ class Activator:
 
     async def activate(self, name: str, version: str) -> list[VariantInfo]:
         async with self._lock:
-            load_baseline = self.service.settings.load_baseline
-            infos = await run_in_daemon_thread(variants_of, self.store, name, version, load_baseline)
+            # Verifies every file's checksum (store I/O): off the event loop.
+            infos = await run_in_daemon_thread(partial(store_variants, self.store, name, version,
+                                                       load_baseline=self.service.settings.load_baseline))
             served_now = {s.variant: s.info for s in self.service.registry.all()}
             for index, info in enumerate(infos):
                 current = served_now.get(info.variant)

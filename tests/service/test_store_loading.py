@@ -15,7 +15,6 @@ import pytest
 import eas.manifest as manifest_module
 from eas.manifest import MANIFEST_NAME, ModelFilesError
 from model_store import ModelStore
-from service.admin.activation import variants_of
 from service.lifecycle import default_loader
 from service.runner.resolve import resolve_variants, store_variants
 from service.runner.runner import VariantInfo
@@ -62,7 +61,7 @@ def _flip_last_byte(path: Path) -> None:
 
 RESOLVERS: dict[str, Callable[[ModelStore], list[VariantInfo]]] = {
     "startup": lambda store: resolve_variants(Settings(model_store=store.root)),
-    "activation": lambda store: variants_of(store, "tiny", "v2", True),
+    "activation": lambda store: store_variants(store, "tiny", "v2", load_baseline=True),
 }
 
 
