@@ -7,6 +7,9 @@ one write transaction here, so two requests racing in different threads or proce
 
 Status names: queued → running → succeeded | failed | cancelled (also queued → failed | cancelled). The
 HTTP layer may spell them `pending`/`canceled` as §6 does; this module keeps one spelling.
+
+A job created with `activate` records the outcome of that wish in its `activation` column (pending → done |
+failed, the reason in `activation_error`); a job that does not succeed fails its pending activation with it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 UPDATABLE_FIELDS: frozenset[str] = frozenset({"status", "progress", "stage", "error", "result", "worker_pid"})
 
+# A job that asked for `activate` records what became of that wish: `pending` until the server acts on it,
+# then `done` or `failed` (with `activation_error`). NULL: activation was not asked for.
+ActivationState = Literal["pending", "done", "failed"]
+ACTIVATION_STATES: tuple[str, ...] = ("pending", "done", "failed")
+# Added to stores created before the column existed (Jobs.__init__); new columns only ever get appended.
+_ACTIVATION_COLUMNS = {"activation": "TEXT", "activation_error": "TEXT"}
+
 
 @dataclass(frozen=True)
 class JobRecord:
@@ -61,6 +71,9 @@ class JobRecord:
     worker_pid: int | None
     # Set by request_cancel on a running job; the worker polls it and stops cooperatively.
     cancel_requested: bool = field(default=False)
+    # What became of a requested activation (None: not requested); see ActivationState.
+    activation: ActivationState | None = field(default=None)
+    activation_error: str | None = field(default=None)
 
     @property
     def finished(self) -> bool:
@@ -102,6 +115,8 @@ def _row_to_job(row: sqlite3.Row) -> JobRecord:
         params_hash=row["params_hash"],
         worker_pid=row["worker_pid"],
         cancel_requested=bool(row["cancel_requested"]),
+        activation=row["activation"],
+        activation_error=row["activation_error"],
     )
 
 
@@ -117,11 +132,32 @@ def _check_status(status: str | None) -> None:
         raise ValueError(f"unknown job status {status!r} (one of {', '.join(STATUSES)})")
 
 
+def _fail_pending_activation(conn: sqlite3.Connection, where: str, args: tuple[Any, ...], reason: str) -> None:
+    conn.execute(
+        f"UPDATE jobs SET activation = 'failed', activation_error = ? WHERE activation = 'pending' AND {where}",
+        (reason, *args),
+    )
+
+
 class Jobs:
     """Job persistence over the store's registry database: `ModelStore.jobs`."""
 
     def __init__(self, registry_db: Registry) -> None:
         self._db = registry_db
+        self._add_activation_columns()
+
+    def _add_activation_columns(self) -> None:
+        """Stores written before activation outcomes were recorded lack the two columns: add them."""
+        with self._db.read() as conn:
+            present = {r["name"] for r in conn.execute("PRAGMA table_info(jobs)")}
+        missing = {name: kind for name, kind in _ACTIVATION_COLUMNS.items() if name not in present}
+        if not missing:
+            return
+        with self._db.write() as conn:
+            present = {r["name"] for r in conn.execute("PRAGMA table_info(jobs)")}  # another process may have won
+            for name, kind in missing.items():
+                if name not in present:
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def create(
         self,
@@ -130,8 +166,9 @@ class Jobs:
         params: dict[str, Any] | None = None,
         *,
         idempotency_key: str | None = None,
+        activate: bool = False,
     ) -> JobRecord:
-        """Queue a conversion of `model:source_version`.
+        """Queue a conversion of `model:source_version`; with `activate`, its activation starts `pending`.
 
         Same idempotency key and same request → the existing job (whatever its status). Same key with a
         different request → `Conflict`. An unfinished job for the same model → `Conflict` carrying its id
@@ -164,8 +201,9 @@ class Jobs:
             job_id = str(uuid.uuid4())
             conn.execute(
                 "INSERT INTO jobs(id, model, source_version, params, params_hash, status, created_at,"
-                " idempotency_key) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
-                (job_id, model, source_version, json.dumps(params), digest, utc_now(), idempotency_key),
+                " idempotency_key, activation) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                (job_id, model, source_version, json.dumps(params), digest, utc_now(), idempotency_key,
+                 "pending" if activate else None),
             )
             return _fetch(conn, job_id)
 
@@ -238,6 +276,9 @@ class Jobs:
                 columns["finished_at"] = utc_now()
                 if new_status == "succeeded" and "progress" not in columns:
                     columns["progress"] = 1.0
+                if new_status != "succeeded" and job.activation == "pending":
+                    columns["activation"] = "failed"
+                    columns["activation_error"] = f"the job ended {new_status}: nothing to activate"
             if columns:
                 assignments = ", ".join(f"{name} = ?" for name in columns)
                 conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*columns.values(), job_id))
@@ -256,6 +297,7 @@ class Jobs:
                     "UPDATE jobs SET status = 'cancelled', cancel_requested = 1, finished_at = ? WHERE id = ?",
                     (utc_now(), job_id),
                 )
+                _fail_pending_activation(conn, "id = ?", (job_id,), "the job ended cancelled: nothing to activate")
             elif job.status == "running":
                 conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             return _fetch(conn, job_id)
@@ -268,11 +310,30 @@ class Jobs:
         """
         with self._db.write() as conn:
             ids = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE status IN ('queued', 'running')")]
+            _fail_pending_activation(conn, "status IN ('queued', 'running')", (), f"the job failed: {reason}")
             conn.execute(
                 "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE status IN ('queued', 'running')",
                 (reason, utc_now()),
             )
         return ids
+
+    def set_activation(self, job_id: str, state: ActivationState, error: str | None = None) -> JobRecord:
+        """Record what became of a requested activation (the server calls this once it has acted)."""
+        if state not in ACTIVATION_STATES:
+            raise ValueError(f"unknown activation state {state!r} (one of {', '.join(ACTIVATION_STATES)})")
+        with self._db.write() as conn:
+            _fetch(conn, job_id)
+            conn.execute("UPDATE jobs SET activation = ?, activation_error = ? WHERE id = ?", (state, error, job_id))
+            return _fetch(conn, job_id)
+
+    def fail_pending_activations(self, reason: str) -> list[str]:
+        """Fail every still-pending activation of a finished job (a server stopped between the job's success
+        and acting on it); returns the job ids."""
+        with self._db.write() as conn:
+            where = "activation = 'pending' AND status IN ('succeeded', 'failed', 'cancelled')"
+            ids = [r["id"] for r in conn.execute(f"SELECT id FROM jobs WHERE {where}")]
+            _fail_pending_activation(conn, where, (), reason)
+            return ids
 
     def cleanup(self, ttl: timedelta, *, now: datetime | None = None) -> list[str]:
         """Delete finished jobs older than `ttl` (by `finished_at`); returns their ids. Queued and running

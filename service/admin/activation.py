@@ -27,14 +27,17 @@ class Activator:
         self.loop = loop  # the server's event loop, where activations run
         self._lock = asyncio.Lock()
 
-    def activate_from_thread(self, name: str, version: str) -> None:
+    def activate_from_thread(self, name: str, version: str) -> Future[list[VariantInfo]]:
         """Activate from another thread (the job supervisor's, after a job that asked for it succeeded)
-        without waiting for it; a failure is logged and the current model keeps serving."""
+        without waiting for it; a failure is logged and the current model keeps serving. The returned future
+        says how it ended (the supervisor records that in the job's row, from its own thread)."""
         def report(done: Future[list[VariantInfo]]) -> None:
             if not done.cancelled() and done.exception() is not None:
                 log.error("hot activation of %s:%s failed: %s", name, version, done.exception())
 
-        asyncio.run_coroutine_threadsafe(self.activate(name, version), self.loop).add_done_callback(report)
+        future = asyncio.run_coroutine_threadsafe(self.activate(name, version), self.loop)
+        future.add_done_callback(report)
+        return future
 
     async def activate(self, name: str, version: str) -> list[VariantInfo]:
         async with self._lock:

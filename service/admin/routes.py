@@ -22,7 +22,7 @@ from model_store import JobRecord, ModelStore, VersionInfo
 from model_store import errors as store_errors
 from model_store.versions import is_valid_name
 from service.admin.activation import Activator
-from service.admin.requests import ConvertBody, ImportBody, parse_conversion
+from service.admin.requests import ACTIVATE, ConvertBody, ImportBody, parse_conversion
 from service.admin.supervisor import JobSupervisor
 from service.deps import ServiceDep, require_admin_token
 from service.errors import ServiceUnavailable, UnsupportedMediaType, ValidationFailed
@@ -93,7 +93,8 @@ async def start_conversion(
     conversion = parse_conversion(await read_json(request), admin.store.root)
     version = await run_in_daemon_thread(_check_source, admin.store, conversion.request)
     job = await run_in_daemon_thread(lambda: admin.store.jobs.create(
-        conversion.request.model, version, conversion.params, idempotency_key=idempotency_key))
+        conversion.request.model, version, conversion.params, idempotency_key=idempotency_key,
+        activate=bool(conversion.params.get(ACTIVATE))))
     admin.supervisor.submit()
     response.headers["Location"] = f"/admin/jobs/{job.id}"
     return job_view(job)

@@ -9,7 +9,12 @@ is cooperative (the worker polls its row); a worker that ignores it past a grace
 `on_finished` (metrics) hears of every job this supervisor sees reach a terminal status — reaped, killed
 after a cancel, cancelled while queued, failed at start-up or at shutdown — exactly once per job. A job
 that succeeded and asked for `activate` is handed to `activate` (hot activation in the server); the worker
-itself never flips the active version (eas/conversion/job.py SERVER_FIELDS).
+itself never flips the active version (eas/conversion/job.py SERVER_FIELDS). What became of it is written to
+the job's row (`activation`: pending → done | failed, with `activation_error`), by this thread: `activate`
+may return a Future, which the loop polls, so no SQLite write ever runs on the server's event loop.
+
+A worker must not outlive its server (issue 17, M3): it runs in its own process group (so a Ctrl-C to the
+server does not reach it) but asks the kernel for SIGKILL when its parent dies (service/admin/worker.py).
 
 How much a worker yields to serving (Settings.job_nice, job_threads, job_pin) goes on its command line.
 Finished jobs older than Settings.job_ttl_s are deleted at start and then every min(ttl, 60 s), with
@@ -27,6 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,7 +76,7 @@ class JobSupervisor:
         store: ModelStore,
         settings: Settings | None = None,
         *,
-        activate: Callable[[str, str], None] | None = None,
+        activate: Callable[[str, str], object] | None = None,
         on_finished: Callable[[JobRecord], None] | None = None,
         on_workers_changed: Callable[[int], None] | None = None,
         max_concurrent: int = 1,
@@ -94,6 +100,7 @@ class JobSupervisor:
         self._next_expiry = 0.0
         self.log_dir = Path(store.root) / "job-logs"
         self._workers: dict[str, _Worker] = {}
+        self._activations: dict[str, Future] = {}  # job id -> activation under way in the server
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -104,6 +111,7 @@ class JobSupervisor:
         """Fail the jobs a previous server left unfinished, expire old finished ones, then start
         supervising; returns the ids of the failed ones."""
         interrupted = self.store.jobs.fail_interrupted("interrupted: the server restarted while the job ran")
+        self.store.jobs.fail_pending_activations("the server stopped before activating the new version")
         for job_id in interrupted:
             self._report_finished(self.store.jobs.get(job_id))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +176,7 @@ class JobSupervisor:
         while not self._stop.is_set():
             try:
                 self._reap()
+                self._record_activations()
                 self._start_queued()
                 if time.monotonic() >= self._next_expiry:
                     self.expire_finished()
@@ -189,6 +198,7 @@ class JobSupervisor:
         """The worker's command line: how much it yields to serving comes from the settings, explicitly."""
         settings = self.settings
         return [self.python, "-m", "service.admin.worker", "--store", str(self.store.root),
+                "--parent-pid", str(os.getpid()),
                 "--nice", str(settings.job_nice), "--threads", str(job_thread_count(settings.job_threads)),
                 "--pin" if settings.job_pin else "--no-pin", job_id]
 
@@ -239,12 +249,36 @@ class JobSupervisor:
     def _activate_if_asked(self, job: JobRecord) -> None:
         """The one place a job's `activate` is acted on: after it succeeded, by the server."""
         version = (job.result or {}).get("version")
-        if job.status != "succeeded" or not job.params.get(ACTIVATE) or not version or self.activate is None:
+        if job.status != "succeeded" or not job.params.get(ACTIVATE):
+            return
+        if not version or self.activate is None:
+            self._set_activation(job.id, "failed", "no version to activate" if not version
+                                 else "this server does not activate versions")
             return
         try:
-            self.activate(job.model, version)
-        except Exception:  # the job succeeded all the same; the version can be activated by hand
+            pending = self.activate(job.model, version)
+        except Exception as exc:  # the job succeeded all the same; the version can be activated by hand
             log.exception("hot activation of %s:%s after job %s failed", job.model, version, job.id)
+            self._set_activation(job.id, "failed", _reason(exc))
+            return
+        if isinstance(pending, Future):
+            self._activations[job.id] = pending  # recorded by _record_activations when it ends
+        else:
+            self._set_activation(job.id, "done")
+
+    def _record_activations(self) -> None:
+        for job_id, pending in list(self._activations.items()):
+            if not pending.done():
+                continue
+            del self._activations[job_id]
+            error = pending.exception() if not pending.cancelled() else RuntimeError("activation was cancelled")
+            self._set_activation(job_id, "failed" if error else "done", _reason(error) if error else None)
+
+    def _set_activation(self, job_id: str, state: str, error: str | None = None) -> None:
+        try:
+            self.store.jobs.set_activation(job_id, state, error)  # type: ignore[arg-type]
+        except StoreError:
+            log.exception("cannot record the activation outcome of job %s", job_id)
 
     def _enforce_cancel(self, worker: _Worker) -> None:
         job = self.store.jobs.get(worker.job_id)
@@ -285,6 +319,11 @@ class JobSupervisor:
         except StoreError:
             log.exception("cannot record the end of job %s", job_id)
             return None
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, public reason: the exception's message, never a traceback or an object repr."""
+    return (str(exc) or type(exc).__name__)[:500]
 
 
 def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:

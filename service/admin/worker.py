@@ -7,13 +7,22 @@ store's job row: progress and stage while it runs, then exactly one terminal sta
 the result. Cancellation is cooperative: the row's `cancel_requested` flag is polled and turned into
 the cancel event that every loop of the conversion checks. How much the worker yields to serving (niceness,
 threads, pinning) comes on its command line from the supervisor, which reads it from the server's settings.
+
+The worker dies with its server (issue 17, M3): it runs in its own process group, so nothing the kernel
+does to the server's group reaches it, and a server killed with -9 cannot stop it either. So a watchdog
+thread compares the parent pid with the server's (`--parent-pid`) every PARENT_POLL_S; once the server is
+gone it records the job failed, kills its own process group and exits. (PR_SET_PDEATHSIG would not do:
+it fires when the *thread* that spawned the worker ends, and the supervisor's thread ends before a clean
+shutdown sends its SIGTERM.)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -33,6 +42,8 @@ log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
 CANCEL_POLL_S = 0.5
+PARENT_POLL_S = 0.25
+ORPHANED = "failed: the server that ran the job stopped (its worker exits with it)"
 
 
 def yield_to_serving(nice: int, threads: int, pin: bool) -> tuple[int, int]:
@@ -77,6 +88,31 @@ def _watch_cancel(store: ModelStore, job_id: str, cancel: threading.Event, done:
             log.exception("cannot read job %s", job_id)
 
 
+def _watch_parent(store_root: Path, job_id: str, parent_pid: int) -> None:
+    """Exit as soon as the server is gone: its pid is no longer our parent (we were re-parented)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    try:
+        job = ModelStore(store_root).jobs.get(job_id)
+        if not job.finished:
+            ModelStore(store_root).jobs.update(job_id, status="failed", error=ORPHANED)
+    except Exception:  # the store may be locked or gone: exiting matters more than the record
+        log.exception("cannot record job %s as failed", job_id)
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(os.getpgrp(), signal.SIGKILL)  # the whole group, anything the conversion started too
+        os._exit(1)
+
+
+def start_parent_watchdog(store_root: Path, job_id: str, parent_pid: int | None) -> None:
+    if parent_pid is None:
+        return
+    if os.getppid() != parent_pid:  # the server died before we got here
+        _watch_parent(store_root, job_id, parent_pid)
+    threading.Thread(target=_watch_parent, args=(store_root, job_id, parent_pid), name="parent-watchdog",
+                     daemon=True).start()
+
+
 def run_job(store_root: Path, job_id: str) -> str:
     """Run the job to a terminal status and return it."""
     store = ModelStore(store_root)
@@ -115,6 +151,8 @@ def _non_negative(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="the server's pid: exit (recording the job failed) once it is gone")
     parser.add_argument("--nice", type=_non_negative, default=0, help="lower this process's priority by N")
     parser.add_argument("--threads", type=_non_negative, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=False,
@@ -122,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_id")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    start_parent_watchdog(args.store, args.job_id, args.parent_pid)
     niceness, threads = yield_to_serving(args.nice, args.threads, args.pin)
     log.info("job %s: niceness %d, %d torch threads", args.job_id, niceness, threads)
     status = run_job(args.store, args.job_id)
