@@ -16,7 +16,7 @@ import anyio
 from fastapi import Request
 
 from service.batching.batcher import Batcher
-from service.batching.work import Completed, Generation, WorkItem
+from service.batching.work import GREEDY, Completed, Generation, Sampling, TokenSink, WorkItem
 from service.errors import ClientDisconnected, DeadlineExceeded
 from service.metrics import Metrics
 from service.runner.registry import ServedVariant
@@ -66,6 +66,8 @@ async def infer(
     deadline: float,
     limits: ImageLimits,
     metrics: Metrics,
+    sampling: Sampling = GREEDY,
+    sink: TokenSink | None = None,
 ) -> Outcome:
     mark_variant(request, served)
     labels = {"model": served.info.model, "variant": served.variant}
@@ -87,7 +89,8 @@ async def infer(
             raise DeadlineExceeded("the request's deadline passed while its image was decoded")
         loop = asyncio.get_running_loop()
         item = WorkItem(image=image, question=question, max_new_tokens=max_new_tokens, deadline=deadline,
-                        loop=loop, future=loop.create_future(), request_id=request.state.request_id)
+                        loop=loop, future=loop.create_future(), request_id=request.state.request_id,
+                        sampling=sampling, sink=sink)
         admission.enqueue(item)
     finally:
         admission.release()  # no-op once enqueued
@@ -98,8 +101,12 @@ async def infer(
     metrics.preprocess_duration.labels(**labels).observe(preprocess_s)
     metrics.observe_generation(served.info.model, served.variant, generation.inference_s, generation.phases,
                                generation.completion_tokens)
+    ttft = None if generation.first_token_at is None else generation.first_token_at - request.state.started_at
+    metrics.observe_token_latency(served.info.model, served.variant, ttft, generation.tpot_s)
     shadow = getattr(request.app.state, "shadow", None)
-    if shadow is not None:  # mirrors a sample to the baseline in the background; never waited for here
+    # Mirrors a sample to the baseline in the background (never waited for here); only greedy unstopped
+    # answers, the ones a greedy mirror can agree with.
+    if shadow is not None and sampling.plain:
         shadow.consider(served, item, generation)
     return Outcome(served=served, generation=generation, queue_s=completed.queue_s, preprocess_s=preprocess_s,
                    inference_s=generation.inference_s,
@@ -116,6 +123,7 @@ async def _wait_for_result(request: Request, batcher: Batcher, item: WorkItem, m
         if item.future in done:
             return item.future.result()
         withdrawn = batcher.withdraw(item)
+        item.cancelled.set()  # a running batch drops this row at its next step
         item.future.cancel()
         if disconnect in done:
             metrics.rejected.labels(reason="client_disconnected").inc()
@@ -124,6 +132,7 @@ async def _wait_for_result(request: Request, batcher: Batcher, item: WorkItem, m
         raise DeadlineExceeded(f"the request's deadline passed while it was {where}")
     except asyncio.CancelledError:
         batcher.withdraw(item)
+        item.cancelled.set()
         item.future.cancel()
         raise
     finally:

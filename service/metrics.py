@@ -116,6 +116,15 @@ class Metrics:
             "eas_decode_duration_seconds",
             "End of the first forward pass to the end of generation (every later token).",
             mv, buckets=request_buckets, registry=r)
+        # Streaming latency (issue 18): what a client of a streamed answer waits for.
+        self.time_to_first_token = Histogram(
+            "eas_time_to_first_token_seconds",
+            "Request arrival to the request's first generated token existing on the server.",
+            mv, buckets=request_buckets, registry=r)
+        self.time_per_output_token = Histogram(
+            "eas_time_per_output_token_seconds",
+            "Mean time between a request's later tokens (requests of two or more tokens).",
+            mv, buckets=queue_buckets, registry=r)
         self.generated_tokens = Counter("eas_generated_tokens", "Completion tokens returned to clients.",
                                         mv, registry=r)
         self._phase_histograms = {"vision_encoder": self.vision_encoder_duration,
@@ -177,6 +186,12 @@ class Metrics:
         for phase, seconds in phases.items():
             self._phase_histograms[phase].labels(model, variant).observe(seconds)
         self.generated_tokens.labels(model, variant).inc(completion_tokens)
+
+    def observe_token_latency(self, model: str, variant: str, ttft_s: float | None, tpot_s: float | None) -> None:
+        if ttft_s is not None:
+            self.time_to_first_token.labels(model, variant).observe(max(0.0, ttft_s))
+        if tpot_s is not None:
+            self.time_per_output_token.labels(model, variant).observe(max(0.0, tpot_s))
 
     def batch_observer(self, model: str, variant: str) -> Callable[[list[WorkItem], list[Generation]], None]:
         """The batcher's per-batch callback for one variant (called on its worker thread, before the batch's

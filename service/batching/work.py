@@ -4,10 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request picks its tokens and when it stops (besides `max_new_tokens` and end of sequence).
+
+    `temperature == 0` is greedy (top_p and seed then change nothing). Without a seed a sampled request
+    draws a fresh one."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with no stop conditions: the batch may take the unmodified generation path."""
+        return self.greedy and not self.stop and not self.stop_token_ids
+
+
+GREEDY = Sampling()
+
+TokenSink = Callable[[str], None]  # receives a streamed request's text deltas, on the worker thread
 
 
 @dataclass(frozen=True)
@@ -24,6 +54,10 @@ class Generation:
     # The batch's model phases in seconds ("vision_encoder", "prefill", "decode"; those measured), shared
     # by its rows: see service/runner/phases.py for what each covers.
     phases: dict[str, float] = field(default_factory=dict)
+    # When this row's first token existed (time.monotonic()), and the mean time between its later tokens:
+    # the time-to-first-token and time-per-output-token metrics (None where there was no such token).
+    first_token_at: float | None = None
+    tpot_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +79,10 @@ class WorkItem:
     request_id: str | None = None
     # A mirrored request (service/shadow.py): answered to nobody; its batch is labelled traffic="shadow".
     shadow: bool = False
+    sampling: Sampling = GREEDY
+    sink: TokenSink | None = None  # set for a streamed request (service/streaming.py)
+    # Set when nobody waits for the result any more: a running batch finishes this row at its next step.
+    cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = 0.0
     started_at: float | None = None
 

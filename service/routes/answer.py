@@ -54,7 +54,7 @@ async def answer(
     served = service.registry.get(parsed.variant)
     outcome = await infer(request, served, image_bytes=parsed.image_bytes, question=parsed.question,
                           max_new_tokens=parsed.max_new_tokens, deadline=parsed.deadline,
-                          limits=service.image_limits, metrics=metrics)
+                          limits=service.image_limits, metrics=metrics, sampling=parsed.sampling)
     info = served.info
     response.headers.update(outcome.headers())
     return AnswerResponse(answer=outcome.generation.text, model=info.model, version=info.version,

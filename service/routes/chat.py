@@ -1,8 +1,9 @@
 """`POST /v1/chat/completions`: OpenAI-compatible, so the official clients work unchanged.
 
-Streaming (`stream: true`) is served as Server-Sent Events in OpenAI's chunk format. Generation is not
-incremental behind `LoadedModel`, so the answer arrives as one content chunk once the batch finishes;
-errors found before that are ordinary JSON errors with a status code.
+Streaming (`stream: true`) is served as Server-Sent Events in OpenAI's chunk format, one content chunk
+per step that makes new text final (service/streaming.py); the first leaves as soon as the first token
+exists. Errors found before the first token are ordinary JSON errors with a status code; a failure after
+it ends the stream with an `error` event.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from service.batching.work import TokenSink
 from service.deps import INFERENCE_GUARDS, MetricsDep, ServiceDep, SettingsDep
-from service.errors import UnsupportedMediaType
+from service.errors import ServiceError, UnsupportedMediaType
 from service.inference import Outcome, infer
 from service.openapi import standalone_schema
+from service.runner.runner import VariantInfo
+from service.streaming import TokenStream, open_stream
 from service.validation.chat import ChatCompletionRequest, parse_chat
 from service.validation.requests import is_json, media_type, read_json, request_deadline, validate_model
 
@@ -77,22 +81,28 @@ async def chat_completions(
     parsed = await parse_chat(body, settings)
     # Looked up right before admission (no await in between), so a hot swap cannot strand the request.
     served = service.registry.resolve_model_id(parsed.model)
-    outcome = await infer(request, served, image_bytes=parsed.image_bytes, question=parsed.question,
-                          max_new_tokens=parsed.max_new_tokens, deadline=request_deadline(request, settings),
-                          limits=service.image_limits, metrics=metrics)
+
+    def run(sink: TokenSink | None = None) -> Any:
+        return infer(request, served, image_bytes=parsed.image_bytes, question=parsed.question,
+                     max_new_tokens=parsed.max_new_tokens, deadline=request_deadline(request, settings),
+                     limits=service.image_limits, metrics=metrics, sampling=parsed.sampling, sink=sink)
+
     completion_id = f"chatcmpl-{request.state.request_id}"
     model_id = body.model or served.variant
     created = int(time.time())
     if parsed.stream:
-        chunks = _stream(outcome, completion_id, model_id, created, parsed.include_usage)
-        return StreamingResponse(chunks, media_type="text/event-stream",
-                                 headers={**outcome.headers(), "cache-control": "no-cache"})
+        stream = await open_stream(run)
+        base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                "system_fingerprint": _fingerprint(served.info)}
+        return StreamingResponse(_stream(stream, base, parsed.include_usage), media_type="text/event-stream",
+                                 headers={"x-model-variant": served.variant, "cache-control": "no-cache"})
+    outcome = await run()
     generation = outcome.generation
     response.headers.update(outcome.headers())
     return ChatCompletion(
-        id=completion_id, created=created, model=model_id, system_fingerprint=_fingerprint(outcome),
+        id=completion_id, created=created, model=model_id, system_fingerprint=_fingerprint(served.info),
         choices=[ChatChoice(index=0, message=AssistantMessage(content=generation.text),
-                            finish_reason=generation.finish_reason)],
+                            finish_reason=_finish_reason(generation.finish_reason))],
         usage=_usage(outcome),
     )
 
@@ -103,24 +113,28 @@ def _usage(outcome: Outcome) -> Usage:
                  total_tokens=g.prompt_tokens + g.completion_tokens)
 
 
-def _fingerprint(outcome: Outcome) -> str:
-    info = outcome.served.info
+def _finish_reason(reason: str) -> Literal["stop", "length"]:
+    return "length" if reason == "length" else "stop"  # "cancelled" never reaches a client
+
+
+def _fingerprint(info: VariantInfo) -> str:
     return f"{info.model}:{info.version}:{info.variant}"
 
 
-async def _stream(
-    outcome: Outcome, completion_id: str, model_id: str, created: int, include_usage: bool
-) -> AsyncIterator[bytes]:
-    base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-            "system_fingerprint": _fingerprint(outcome)}
-
+async def _stream(stream: TokenStream, base: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n".encode()
 
-    generation = outcome.generation
     yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-    yield event([{"index": 0, "delta": {"content": generation.text}, "finish_reason": None}])
-    yield event([{"index": 0, "delta": {}, "finish_reason": generation.finish_reason}])
+    async for delta in stream.deltas():
+        yield event([{"index": 0, "delta": {"content": delta}, "finish_reason": None}])
+    try:
+        outcome = stream.outcome()
+    except ServiceError as exc:  # after the first token: the status line has been sent already
+        body = {"error": {"message": str(exc), "type": exc.type, "code": exc.code, "param": exc.param}}
+        yield f"data: {json.dumps(body)}\n\n".encode()
+        return
+    yield event([{"index": 0, "delta": {}, "finish_reason": _finish_reason(outcome.generation.finish_reason)}])
     if include_usage:
         yield event([], usage=_usage(outcome).model_dump())
     yield b"data: [DONE]\n\n"

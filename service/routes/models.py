@@ -82,11 +82,20 @@ def default_first(service: Service) -> list[ServedVariant]:
 
 @router.get("/v1/models")
 async def list_models(service: ServiceDep) -> ModelList:
-    default = service.registry.default_variant
-    return ModelList(data=[ModelCard(
-        id=s.variant, created=service.started_unix, root=s.info.model, parent=s.info.parent, model=s.info.model,
-        version=s.info.version, variant=s.variant, kind=s.info.kind, default=s.variant == default,
-    ) for s in default_first(service)])
+    return ModelList(data=[_card(service, s) for s in default_first(service)])
+
+
+@router.get("/v1/models/{model_id}")
+async def retrieve_model(model_id: str, service: ServiceDep) -> ModelCard:
+    """One served variant by any name a chat request's `model` accepts (404 naming the served ones)."""
+    s = service.registry.resolve_model_id(model_id)
+    return _card(service, s)
+
+
+def _card(service: Service, s: ServedVariant) -> ModelCard:
+    return ModelCard(id=s.variant, created=service.started_unix, root=s.info.model, parent=s.info.parent,
+                     model=s.info.model, version=s.info.version, variant=s.variant, kind=s.info.kind,
+                     default=s.variant == service.registry.default_variant)
 
 
 @router.get("/info")

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from eas.model.loading import LoadedModel
 from service.batching.work import Generation, WorkItem
 from service.runner.phases import PhaseTimer
+from service.runner.sampling import RowControl, controlled_generations
 from service.runner.threads import ThreadBudget
 
 
@@ -61,13 +62,20 @@ class ModelRunner:
 
     def run_batch(self, items: list[WorkItem]) -> list[Generation]:
         self.threads.apply()  # runs in this variant's inference thread, where OpenMP reads it
+        rows = [RowControl(i.sampling, i.max_new_tokens, sink=i.sink, cancelled=i.cancelled) for i in items]
         return self.generate([i.image for i in items], [i.question for i in items],
-                             [i.max_new_tokens for i in items])
+                             [i.max_new_tokens for i in items], rows=rows)
 
-    def generate(self, images: list[Image.Image], questions: list[str], max_new_tokens: list[int]) -> list[Generation]:
+    def generate(self, images: list[Image.Image], questions: list[str], max_new_tokens: list[int],
+                 rows: list[RowControl] | None = None) -> list[Generation]:
         t0 = time.perf_counter()
         batch = self.model.prepare(images, questions)
         t1 = time.perf_counter()
+        if rows is not None and not all(r.sampling.plain and r.sink is None for r in rows):
+            # Sampling, stop conditions or streaming: per-row control of each step (service/runner/sampling.py).
+            return controlled_generations(self.model, batch, rows, self._eos_ids, prepare_s=t1 - t0,
+                                          measure=self._phases.measure)
+        started = time.monotonic()
         with self._phases.measure() as marks:
             ids = self.model.generate_ids(batch, max(max_new_tokens))
         texts = self._decode(ids, max_new_tokens)  # copies ids to the host: the GPU work is done here
@@ -75,9 +83,11 @@ class ModelRunner:
         phases = marks.seconds()  # after the host copy, so reading CUDA events never waits
         prompt_tokens = batch["attention_mask"].sum(dim=1).tolist() if "attention_mask" in batch else (
             [int(batch["input_ids"].shape[1])] * len(images))
-        rows = ids.tolist()
+        first_token_at = started + phases.get("vision_encoder", 0.0) + phases.get("prefill", 0.0)
+        steps = int(ids.shape[1])  # every row waited for each step of the batch
+        tpot = phases["decode"] / (steps - 1) if steps > 1 and "decode" in phases else None
         out = []
-        for row, limit, text, n_prompt in zip(rows, max_new_tokens, texts, prompt_tokens, strict=True):
+        for row, limit, text, n_prompt in zip(ids.tolist(), max_new_tokens, texts, prompt_tokens, strict=True):
             row = row[:limit]
             stop = next((k for k, tok in enumerate(row) if tok in self._eos_ids), None)
             out.append(Generation(
@@ -89,6 +99,8 @@ class ModelRunner:
                 inference_s=t2 - t1,
                 batch_size=len(images),
                 phases=phases,
+                first_token_at=first_token_at if "prefill" in phases else None,
+                tpot_s=tpot,
             ))
         return out
 

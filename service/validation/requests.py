@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 from starlette.datastructures import UploadFile
 
+from service.batching.work import GREEDY, Sampling
 from service.errors import BadRequest, UnsupportedMediaType, ValidationFailed, describe_validation
 from service.settings import Settings
 from service.validation.payloads import (
@@ -25,6 +26,7 @@ from service.validation.payloads import (
     validate_max_new_tokens,
     validate_question,
 )
+from service.validation.sampling import SamplingFields, sampling_from_form
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class InferenceInput:
     max_new_tokens: int
     variant: str | None
     deadline: float  # time.monotonic()
+    sampling: Sampling = GREEDY  # temperature, top_p, seed, stop (service/validation/sampling.py)
 
 
 def media_type(request: Request) -> str:
@@ -75,7 +78,7 @@ class ImageURL(BaseModel):
     url: str
 
 
-class AnswerJSON(BaseModel):
+class AnswerJSON(SamplingFields):
     """`POST /v1/answer` with `Content-Type: application/json`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -101,6 +104,11 @@ class AnswerForm(BaseModel):
     question: str = Field(json_schema_extra={"pattern": r"\S"})
     variant: Literal["eas", "baseline", "auto"] | SkipJsonSchema[None] = None
     max_new_tokens: int | SkipJsonSchema[None] = Field(None, json_schema_extra={"minimum": 1})
+    temperature: float | SkipJsonSchema[None] = Field(None, ge=0, le=2)
+    top_p: float | SkipJsonSchema[None] = Field(None, gt=0, le=1)
+    seed: int | SkipJsonSchema[None] = None
+    stop: list[str] | SkipJsonSchema[None] = Field(None, max_length=4, description="Repeat the field for several.")
+    stop_token_ids: list[int] | SkipJsonSchema[None] = None
 
 
 async def read_answer_request(request: Request, settings: Settings) -> InferenceInput:
@@ -113,7 +121,7 @@ async def read_answer_request(request: Request, settings: Settings) -> Inference
         raise UnsupportedMediaType(
             f"Content-Type {media or '(none)'!r} is not accepted; use multipart/form-data "
             "(image file + question) or application/json (base64 image + question)")
-    image_bytes, question, max_new_tokens, variant = fields
+    image_bytes, question, max_new_tokens, variant, sampling = fields
     return InferenceInput(
         image_bytes=image_bytes,
         question=validate_question(question, max_chars=settings.max_question_chars),
@@ -121,12 +129,13 @@ async def read_answer_request(request: Request, settings: Settings) -> Inference
                                                cap=settings.max_new_tokens),
         variant=variant or None,
         deadline=request_deadline(request, settings),
+        sampling=sampling,
     )
 
 
-async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, Any, Any, str | None]:
+async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, Any, Any, str | None, Sampling]:
     # One file and a handful of short fields: anything more is a malformed request (400 from Starlette).
-    async with request.form(max_files=1, max_fields=8, max_part_size=settings.max_question_chars * 4 + 1024) as form:
+    async with request.form(max_files=1, max_fields=16, max_part_size=settings.max_question_chars * 4 + 1024) as form:
         image = form.get("image")
         if image is None:
             raise ValidationFailed("multipart field 'image' (an image file) is required", param="image")
@@ -140,10 +149,13 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, 
         variant = form.get("variant")
         if variant is not None and not isinstance(variant, str):
             raise ValidationFailed("multipart field 'variant' must be text", param="variant")
-        return data, question, form.get("max_new_tokens"), variant
+        sampling = sampling_from_form({"temperature": form.get("temperature"), "top_p": form.get("top_p"),
+                                       "seed": form.get("seed"), "stop": form.getlist("stop"),
+                                       "stop_token_ids": form.getlist("stop_token_ids")})
+        return data, question, form.get("max_new_tokens"), variant, sampling
 
 
-async def _read_answer_json(request: Request) -> tuple[bytes, Any, Any, str | None]:
+async def _read_answer_json(request: Request) -> tuple[bytes, Any, Any, str | None, Sampling]:
     body: AnswerJSON = validate_model(AnswerJSON, await read_json(request))
     source = body.image if body.image is not None else body.image_url
     if isinstance(source, ImageURL):
@@ -153,4 +165,4 @@ async def _read_answer_json(request: Request) -> tuple[bytes, Any, Any, str | No
     if body.image is not None and body.image_url is not None:
         raise ValidationFailed("give either 'image' or 'image_url', not both", param="image")
     data = await offload_if_large(len(source), decode_image_field, source)
-    return data, body.question, body.max_new_tokens, body.variant
+    return data, body.question, body.max_new_tokens, body.variant, body.sampling()
