@@ -80,6 +80,33 @@ class Settings(BaseSettings):
                                        "BentoML keeps finished tasks 24 h (serving-conventions §6).",
     )
 
+    # --- hardening: cost and connection limits (issue 17, docs/hardening.md) ------------------------------
+    max_prompt_tokens: int = Field(
+        2048, ge=1, description="Prompt length limit in tokens after processing (image tokens included); the "
+                                "model's own position count caps it (EAS_MAX_PROMPT_TOKENS).",
+    )
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Padded-token budget of one batch (rows × longest prompt): a long prompt runs "
+                                 "with few or no others instead of padding many short ones.",
+    )
+    preprocess_threads: int = Field(2, ge=1, le=64, description="Threads that decode images and run the processor.")
+    max_decode_bytes: int = Field(
+        512 * MiB, ge=MiB, description="Decoded-image memory that requests being preprocessed may hold at once; "
+                                       "past it, 503 with Retry-After.",
+    )
+    max_png_chunks: int = Field(8192, ge=16, description="PNG chunks (any kind) an image may have.")
+    max_png_ancillary_bytes: int = Field(4 * MiB, ge=0, description="Bytes of non-critical PNG chunks allowed.")
+    max_json_values: int = Field(20_000, ge=100, description="JSON values (objects, arrays, scalars) in one body.")
+    dataset_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Directories a conversion's `dataset` file may come from, besides "
+                                          "easy-vqa and the store's uploads (EAS_DATASET_ROOTS, comma separated).",
+    )
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="Request line + headers; past it, 431.")
+    header_timeout_s: float = Field(10.0, gt=0, description="Time a client has to send its complete headers.")
+    body_timeout_s: float = Field(30.0, gt=0, description="Longest pause between two chunks of a request body.")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="Idle keep-alive connections close after this.")
+    max_connections: int = Field(1000, ge=1, description="Concurrent connections; past it, 503 at once.")
+
     # --- lifecycle ------------------------------------------------------------------------------------
     shutdown_timeout_s: float = Field(30.0, ge=0, description="Drain budget for queued/in-flight requests.")
 
@@ -90,6 +117,13 @@ class Settings(BaseSettings):
             value = [part for part in value.replace(" ", "").split(",") if part]
         if isinstance(value, list | tuple):
             return [str(v).upper() for v in value]
+        return value
+
+    @field_validator("dataset_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("api_token", "admin_token", mode="before")

@@ -34,6 +34,48 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
 
+    def prepare_one(self, image: Image.Image, question: str) -> BatchFeature:
+        """Processor inputs of one request, unpadded, on the CPU: the part of `prepare` that depends on
+        the request alone, so a server can run it per request (off its batch worker) and `collate` later."""
+        prompt = build_prompt(self.processor, question)
+        return self.processor(images=[image.convert("RGB")], text=[prompt], return_tensors="pt")
+
+    def collate(self, rows: list[BatchFeature]) -> BatchFeature:
+        """`prepare_one` results as one batch: the same tensors `prepare` builds for those requests.
+
+        Sequence tensors ([1, length] like `input_ids`) are padded on the tokenizer's padding side (pad id
+        for `input_ids`, 0 otherwise); every other tensor (pixel values, image sizes or grids) is
+        concatenated along its first dimension, as the processor itself does for a batch."""
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        left = getattr(tokenizer, "padding_side", "left") == "left"
+        width = max(int(r["input_ids"].shape[1]) for r in rows)
+        data: dict[str, torch.Tensor] = {}
+        for key in rows[0]:
+            values = [r[key] for r in rows]
+            if all(isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == 1
+                   and v.shape[1] == r["input_ids"].shape[1] for v, r in zip(values, rows, strict=True)):
+                fill = pad_id if key == "input_ids" else 0
+                padded = []
+                for v in values:
+                    pad = v.new_full((1, width - v.shape[1]), fill)
+                    padded.append(torch.cat([pad, v] if left else [v, pad], dim=1))
+                data[key] = torch.cat(padded, dim=0)
+            else:
+                data[key] = torch.cat(values, dim=0)
+        batch = BatchFeature(data).to(self.device)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        return batch
+
+    @property
+    def max_positions(self) -> int | None:
+        """How many positions the language model has (prompt and answer together), when its config says."""
+        config = self.model.config
+        text = getattr(config, "text_config", None) or config
+        value = getattr(text, "max_position_embeddings", None)
+        return int(value) if value else None
+
     def prepare(self, images: list[Image.Image], questions: list[str]) -> BatchFeature:
         """Processor inputs for a batch, left-padded, on the model's device."""
         prompts = [build_prompt(self.processor, q) for q in questions]
@@ -100,6 +142,9 @@ def load_model(
 
     if is_converted(path):
         model, plan = load_converted(path)
+        from eas.model.token_reduction import apply_stored_reduction  # issue 19: plan + token budget
+
+        apply_stored_reduction(model, path)
     else:
         model, plan = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32), None
     model = model.to(device=dev, dtype=dt).eval()
