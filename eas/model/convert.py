@@ -56,7 +56,7 @@ def apply_plan(
     adapters = adapters or AdapterConfig()
     if eas_runtime(model) is not None:
         raise ConversionError("model is already converted")
-    decoder = locate_decoder(model)
+    decoder = locate_decoder(model, probe=True)
     plan.check_model(model, decoder.num_layers, check_fingerprint=check_fingerprint)
     hidden = decoder.text_config.hidden_size
     adapters.check_hidden(hidden)

@@ -102,7 +102,7 @@ def _fold_skipped_layer(layer: SkippedLayer, rank: int) -> MergedSkippedLayer:
     dtype = mlp.gate_proj.weight.dtype
     U, u = _up(pia.mix)
     fold = fold_skipped(_f64(mlp.gate_proj.weight), _f64(mlp.up_proj.weight),
-                        _f64(effective_gain(layer.post_attention_layernorm)), U, u,
+                        _f64(effective_gain(layer.ffn_norm)), U, u,
                         _f64(pia.C.weight), _f64(pia.C.bias))
     merged = MergedSkippedLayer(layer, layer._state, layer.layer_idx, rank)
     merged.to(mlp.gate_proj.weight.device)

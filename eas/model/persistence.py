@@ -22,7 +22,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedModel, ProcessorMixin
 
 from eas.manifest import ModelFilesError, write_manifest
-from eas.model.arch import DECODER_PATHS, locate_decoder
+from eas.model.arch import locate_decoder
 from eas.model.convert import apply_plan, stored_conversion
 from eas.model.plan import SkipPlan
 
@@ -126,7 +126,7 @@ def load_converted(path: str | Path) -> tuple[PreTrainedModel, SkipPlan]:
 def _load_eas_tensors(model: PreTrainedModel, path: Path, keys: list[str]) -> None:
     """Copy the EAS tensors (named in memory) from the checkpoint (named in the on-disk layout)."""
     state = model.state_dict()
-    mem_prefix = DECODER_PATHS[type(model).__name__] + ".layers."
+    mem_prefix = locate_decoder(model).path + ".layers."
     on_disk: dict[str, Path] = {}
     for file in _tensor_files(path):
         with safe_open(file, "pt") as fh:

@@ -69,7 +69,7 @@ def test_plan_for_other_depth_is_refused() -> None:
 
 def test_unknown_class_is_refused() -> None:
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(UnsupportedModelError, match="unsupported model class GPT2LMHeadModel"):
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel: no text decoder found"):
         apply_plan(model, SkipPlan(skipped=(1,), num_layers=2))
 
 
