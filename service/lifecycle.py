@@ -24,6 +24,7 @@ from eas.model.loading import LoadedModel, load_model
 from service.batching.batcher import Batcher
 from service.errors import QueueFull, ServiceError, ServiceUnavailable
 from service.metrics import Metrics
+from service.preprocess import Preprocessor
 from service.runner.registry import RunnerRegistry, ServedVariant
 from service.runner.resolve import resolve_variants
 from service.runner.runner import ModelRunner, VariantInfo
@@ -86,9 +87,14 @@ class Service:
         self.settings = settings
         self.metrics = metrics
         self.registry = RunnerRegistry()
-        self.threads = ThreadBudget(settings.job_threads)  # lowered while conversion workers run (runner/threads.py)
+        # Lowered while conversion workers run (runner/threads.py).
+        self.threads = ThreadBudget(settings.job_threads, settings.inference_threads)
         self.image_limits = ImageLimits.from_formats(settings.allowed_image_formats, settings.max_image_pixels,
-                                                     settings.max_image_side)
+                                                     settings.max_image_side, max_png_chunks=settings.max_png_chunks,
+                                                     max_png_ancillary_bytes=settings.max_png_ancillary_bytes)
+        # Image decode and the processor, per request, off the event loop and the batch workers.
+        self.preprocessor = Preprocessor(settings.preprocess_threads, settings.max_decode_bytes,
+                                         settings.retry_after_s)
         self.phase = Phase.LOADING
         self.started_unix = int(time.time())
         self.error: str | None = None
@@ -160,6 +166,7 @@ class Service:
             queue_full=self._queue_full_error,
             on_batch=m.batch_observer(info.model, info.variant),
             on_depth=depth.set,
+            max_batch_tokens=s.max_batch_tokens,
         )
         return ServedVariant(info=info, runner=runner, batcher=batcher)
 
@@ -275,6 +282,7 @@ class Service:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self.preprocessor.close()
         if self.phase is not Phase.FAILED:
             self.phase = Phase.STOPPED
 

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         4, ge=0, description="Mirroring is suspended while the baseline queue holds this many requests.",
     )
 
+    # --- inference threads (issue 18; service/cpu.py) -------------------------------------------------
+    inference_threads: int = Field(
+        0, ge=0, description="Intra-op threads of inference (EAS_INFERENCE_THREADS); 0 = OMP_NUM_THREADS if set, "
+                             "else the CPUs the process may use (affinity and cgroup quota, not the host's cores).",
+    )
+
     # --- conversion jobs (docs/admin.md) --------------------------------------------------------------
     # The supervisor hands these to each worker on its command line (service/admin/supervisor.py); the worker
     # itself reads no environment.

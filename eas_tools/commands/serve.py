@@ -37,6 +37,9 @@ def serve(
         first = exc.errors()[0]
         variable = "EAS_" + "_".join(str(p) for p in first["loc"]).upper() if first["loc"] else "EAS_* settings"
         fail(f"{variable}: {first['msg']}")
+    from service.cpu import prepare_process
+
+    prepare_process(settings.inference_threads)  # before torch loads: OpenMP reads its environment once
     if settings.model_path is not None or settings.baseline_path is not None:
         from service.runner.resolve import resolve_variants
 
