@@ -27,6 +27,7 @@ from eas.conversion.data import VQASample, load_images
 from eas.model.arch import locate_decoder
 from eas.model.generation import generate
 from eas.model.loading import LoadedModel
+from eas.model.token_reduction import TokenReduction, install_reduction, remove_reduction
 
 
 class Budget(BaseModel):
@@ -156,6 +157,7 @@ class BudgetDecision:
     fraction: float
     predicted_speedup: float | None
     basis: str
+    token_keep: float | None = None  # fraction of image tokens kept (issue 19); None: no token reduction
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -188,3 +190,90 @@ def resolve_budget(budget: Budget, num_layers: int, num_candidates: int, cost: C
         f"{num_candidates} candidate layers predicts {best:.2f}x (attention is {cost.attention_share:.0%} of "
         "a generation there)"
     )
+
+
+# --- visual-token reduction composed with skipping (issue 19, docs/conversion.md "One budget") -------------
+
+# Token budgets the joint planner considers (fractions of each image's tokens).
+KEEP_GRID = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
+
+
+@dataclass(frozen=True)
+class TokenCostModel:
+    """The cost model measured twice on the same sample: with every image token and with `probe_keep` of
+    them kept. Each time (the whole generation, one layer's attention) is taken as linear in the prompt
+    length through those two points; on the supported decoders both prefill and the KV reads of decoding
+    grow with it, and the fixed costs (vision tower, lm head, Python) are the line's intercept.
+
+        predicted speedup(k, keep) = T(N) / (T(n) − k · t_attn(n)),  n = N − image_tokens · (1 − keep)
+    """
+
+    full: CostModel
+    reduced: CostModel
+    image_tokens: int  # per prompt (one image)
+    probe_keep: float
+
+    def prompt_tokens(self, keep: float) -> float:
+        return self.full.prompt_tokens - self.image_tokens * (1.0 - keep)
+
+    def _line(self, name: str, tokens: float) -> float:
+        x0, y0 = float(self.full.prompt_tokens), getattr(self.full, name)
+        x1, y1 = self.prompt_tokens(self.probe_keep), getattr(self.reduced, name)
+        if x0 == x1:
+            return y0
+        return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+
+    def predicted_speedup(self, k: int, keep: float = 1.0) -> float:
+        tokens = self.prompt_tokens(keep)
+        remaining = self._line("total_s", tokens) - k * self._line("attention_s", tokens)
+        return self.full.total_s / max(remaining, 1e-12)
+
+    def to_dict(self) -> dict:
+        return {"full": self.full.to_dict(), "reduced": self.reduced.to_dict(), "image_tokens": self.image_tokens,
+                "probe_keep": self.probe_keep}
+
+
+def measure_token_cost(model: PreTrainedModel, processor: ProcessorMixin, sample: VQASample, *,
+                       criterion: str = "cls", new_tokens: int = 4, probe_keep: float = 0.25,
+                       full: CostModel | None = None) -> TokenCostModel:
+    """`measure_cost` with every image token (or `full`, already measured) and with `probe_keep` of them kept
+    (the reduction installed for the measurement only, then removed)."""
+    full = full or measure_cost(model, processor, sample, new_tokens=new_tokens)
+    reducer = install_reduction(model, TokenReduction(keep_fraction=probe_keep, criterion=criterion), record=False)
+    try:
+        reduced = measure_cost(model, processor, sample, new_tokens=new_tokens)
+        image_tokens = reducer.last_image_tokens
+    finally:
+        remove_reduction(model)
+    return TokenCostModel(full=full, reduced=reduced, image_tokens=image_tokens, probe_keep=probe_keep)
+
+
+def resolve_token_budget(budget: Budget, num_layers: int, num_candidates: int, cost: TokenCostModel,
+                         keep: float | None, grid: tuple[float, ...] = KEEP_GRID) -> BudgetDecision:
+    """Skip count and token budget together. `keep` given: the skip budget is resolved with the tokens kept
+    at `keep`. `keep=None` (a target speedup only): every (k, keep) of `grid` whose prediction reaches the
+    target is a candidate, and the one that removes least wins — the smallest skipped fraction plus dropped
+    token fraction, then the higher prediction. That is the cheapest in accuracy as far as a latency model
+    can tell (docs/conversion.md gives the measured accuracy of each combination on the demo model)."""
+    if keep is not None:
+        if budget.target_speedup is None:
+            skip = resolve_budget(budget, num_layers, num_candidates, None)
+            return BudgetDecision(k=skip.k, fraction=skip.fraction, basis=skip.basis, token_keep=keep,
+                                  predicted_speedup=cost.predicted_speedup(skip.k, keep))
+        grid = (keep,)
+    if budget.target_speedup is None:
+        raise ValueError("planning the token budget needs a target speedup")
+    options = []
+    for fraction in grid:
+        for k in range(1, num_candidates + 1):
+            predicted = cost.predicted_speedup(k, fraction)
+            if predicted >= budget.target_speedup:
+                options.append((k / num_layers + (1.0 - fraction), -predicted, k, fraction))
+                break
+    if not options:
+        best = max(cost.predicted_speedup(num_candidates, f) for f in grid)
+        raise ValueError(f"target speedup {budget.target_speedup:g}x is out of reach on {cost.full.device}: "
+                         f"the best combination predicts {best:.2f}x")
+    _, negative, k, fraction = min(options)
+    return BudgetDecision(k=k, fraction=k / num_layers, predicted_speedup=-negative,
+                          basis="target_speedup+tokens", token_keep=fraction)

@@ -31,7 +31,16 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from eas.conversion.budget import Budget, BudgetDecision, CostModel, measure_cost, resolve_budget
+from eas.conversion.budget import (
+    Budget,
+    BudgetDecision,
+    CostModel,
+    TokenCostModel,
+    measure_cost,
+    measure_token_cost,
+    resolve_budget,
+    resolve_token_budget,
+)
 from eas.conversion.criteria import (
     CriterionContext,
     RecoverySettings,
@@ -51,6 +60,7 @@ from eas.model.arch import locate_decoder
 from eas.model.loading import LoadedModel, load_model, resolve_device
 from eas.model.persistence import is_converted
 from eas.model.plan import SkipPlan
+from eas.model.token_reduction import TokenReduction, TokenReductionError, check_reducible, parse_token_keep
 
 STAGES = ("load", "criterion", "train", "fold", "evaluate", "export")
 DEFAULT_STEPS = 1500  # recovers 75%-skipped demo accuracy (docs/conversion.md); ~2 min on one CPU thread
@@ -94,6 +104,10 @@ class ConversionRequest(BaseModel):
     skip_fraction: float | None = Field(None, gt=0, lt=1)
     target_speedup: float | None = Field(None, gt=1)
     include_layer0: bool = False
+    # visual-token reduction (issue 19; docs/conversion.md): a fraction (<= 1) or a count (> 1) of each image's
+    # tokens, or "auto" (with target_speedup: planned together with the skip count)
+    token_keep: float | Literal["auto"] | None = Field(None, gt=0)
+    token_criterion: Literal["cls", "merge", "uniform"] = "cls"
     # training (stage 2)
     steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     epochs: float | None = Field(None, gt=0)
@@ -140,12 +154,23 @@ class ConversionRequest(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> ConversionRequest:
         self.budget()  # exactly one budget
+        if self.token_keep == "auto" and self.target_speedup is None:
+            raise ValueError("token_keep 'auto' plans the token budget from --target-speedup; give one")
+        if isinstance(self.token_keep, float) and self.token_keep > 1 and self.token_keep != int(self.token_keep):
+            raise ValueError("token_keep above 1 is a count of tokens and must be a whole number")
         if self.criterion not in available():
             raise ValueError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(available())}")
         return self
 
     def budget(self) -> Budget:
         return Budget(count=self.skip_count, fraction=self.skip_fraction, target_speedup=self.target_speedup)
+
+    def token_reduction(self, keep_fraction: float | None = None) -> TokenReduction | None:
+        """The requested reduction; with 'auto', the one the planner chose (`keep_fraction`)."""
+        if self.token_keep is None:
+            return None
+        keep = keep_fraction if self.token_keep == "auto" else self.token_keep
+        return None if keep is None else parse_token_keep(keep, self.token_criterion)
 
     def training_steps(self, train_rows: int) -> int:
         if self.steps is not None:
@@ -184,6 +209,9 @@ class ConversionResult:
     skipped_rows: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
+    token_reduction: TokenReduction | None = None
+    token_cost: TokenCostModel | None = None
+    prompt_tokens: tuple[int, int] | None = None  # (source, converted) of the probe prompt
 
     @property
     def accuracy_delta(self) -> float | None:
@@ -210,6 +238,8 @@ class ConversionResult:
             "val_loss_after": self.training.val_loss_after,
             "fold_relative_diff": self.fold_check.relative_diff,
             "skipped_rows": len(self.skipped_rows),
+            "token_reduction": None if self.token_reduction is None else self.token_reduction.model_dump(mode="json"),
+            "prompt_tokens": None if self.prompt_tokens is None else list(self.prompt_tokens),
             "stage_seconds": {k: round(v, 2) for k, v in self.stage_seconds.items()},
             "total_seconds": round(self.total_seconds, 2),
         }
@@ -229,6 +259,7 @@ class ConversionResult:
             "latency": self.latency.to_dict(),
             "criterion_details": self.criterion_details,
             "skipped_rows": self.skipped_rows,
+            "token_cost": None if self.token_cost is None else self.token_cost.to_dict(),
         }
 
 
@@ -327,10 +358,24 @@ def _convert(request: ConversionRequest, progress: Callable[[ProgressEvent], Non
     source_val_loss = mean_loss(work, processor, data.validation, cancel=cancel)
     report("load", 0.7, "measuring the per-layer cost model")
     cost = measure_cost(work, processor, data.validation[0], new_tokens=request.latency_new_tokens)
+    token_cost: TokenCostModel | None = None
     try:
-        decision = resolve_budget(budget, num_layers, len(candidates), cost)
-    except ValueError as exc:
+        if request.token_keep is None:
+            decision = resolve_budget(budget, num_layers, len(candidates), cost)
+        else:
+            # Refused families fail here, before any training (eas/model/token_reduction.py REFUSED).
+            check_reducible(work, request.token_reduction(1.0))
+            report("load", 0.85, "measuring the cost model with fewer image tokens")
+            token_cost = measure_token_cost(work, processor, data.validation[0], criterion=request.token_criterion,
+                                            new_tokens=request.latency_new_tokens, full=cost)
+            fixed = request.token_reduction()
+            keep = None if fixed is None else (
+                fixed.keep_fraction if fixed.keep_fraction is not None
+                else fixed.kept(token_cost.image_tokens) / max(token_cost.image_tokens, 1))
+            decision = resolve_token_budget(budget, num_layers, len(candidates), token_cost, keep)
+    except (ValueError, TokenReductionError) as exc:
         raise ConversionFailed(str(exc)) from exc
+    reduction = request.token_reduction(decision.token_keep)
     report("load", 1.0, f"{budget.describe()}: skip {decision.k}/{num_layers}, "
                         f"predicted {decision.predicted_speedup:.2f}x on {cost.device}")
     lap("load")
@@ -355,7 +400,8 @@ def _convert(request: ConversionRequest, progress: Callable[[ProgressEvent], Non
                          lr=request.lr, seed=request.seed, train_projector=request.train_projector)
     report("train", 0.0, f"training {cfg.steps} steps at lr {cfg.peak_lr:.3g}")
     training = train_plan(work, processor, plan, request.adapters, data.train, data.validation, cfg,
-                          cancel=cancel, progress=report.stage("train"), show_bar=request.show_progress_bar)
+                          cancel=cancel, progress=report.stage("train"), show_bar=request.show_progress_bar,
+                          reduction=reduction)
     lap("train")
 
     with tempfile.TemporaryDirectory(prefix="eas-convert-") as scratch:
@@ -395,6 +441,7 @@ def _convert(request: ConversionRequest, progress: Callable[[ProgressEvent], Non
             source_accuracy=source_acc, converted_accuracy=converted_acc, latency=latency,
             criterion_details=chosen.details, skipped_rows=[str(e) for e in data.skipped],
             stage_seconds=seconds, total_seconds=time.perf_counter() - started,
+            token_reduction=reduction, token_cost=token_cost, prompt_tokens=_prompt_tokens(converted),
         )
         record = {"request": request.model_dump(mode="json"), **result.to_dict()}
         model_dir = Path(scratch) / "model"
@@ -411,6 +458,14 @@ def _convert(request: ConversionRequest, progress: Callable[[ProgressEvent], Non
     result.total_seconds = time.perf_counter() - started
     report("export", 1.0, f"done in {result.total_seconds:.0f}s: {result.path}")
     return result
+
+
+def _prompt_tokens(converted: LoadedModel) -> tuple[int, int] | None:
+    """(before, after) prompt tokens of the last prompt the converted model ran (its reduction's count)."""
+    from eas.model.token_reduction import token_reducer
+
+    reducer = token_reducer(converted.model)
+    return None if reducer is None else reducer.last_prompt_tokens
 
 
 def _metadata(request: ConversionRequest, result: ConversionResult) -> dict[str, Any]:

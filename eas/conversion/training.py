@@ -32,6 +32,7 @@ from eas.conversion.errors import check_cancel
 from eas.model.adapters import PIA, AdapterConfig, RoutedAdapter
 from eas.model.convert import apply_plan
 from eas.model.plan import SkipPlan
+from eas.model.token_reduction import TokenReduction, install_reduction
 
 REFERENCE_BLR = 9e-3  # LaVIN-EAS base lr per 256 samples (eas-method.md §11)
 REFERENCE_BATCH = 256
@@ -224,13 +225,19 @@ def train_plan(
     cancel: threading.Event | None = None,
     progress: TrainProgress | None = None,
     show_bar: bool = True,
+    reduction: TokenReduction | None = None,
 ) -> TrainingReport:
     """Stage 2 (§7): convert the *source* model with the plan fixed (in place), then train PIAs and
-    kept-layer adapters. Deterministic for a given seed (adapter init, data order, dropout)."""
+    kept-layer adapters. Deterministic for a given seed (adapter init, data order, dropout).
+
+    With a `reduction`, the visual-token reduction is installed after the plan (so it is recorded beside it
+    in `text_config.eas`) and the adapters train on the reduced prompts they will serve (docs/conversion.md)."""
     check_cancel(cancel, "training")
     device, _ = model_device_dtype(model)
     torch.manual_seed(cfg.seed)  # adapter initialisation and dropout masks
     apply_plan(model, plan, adapters, train_projector=cfg.train_projector)
+    if reduction is not None:
+        install_reduction(model, reduction)
     model.to(device)
     n_params = sum(p.numel() for _, p in trainable_parameters(model))
     before = mean_loss(model, processor, validation, cancel=cancel) if validation else None

@@ -228,6 +228,7 @@ class TokenReducer:
         self._reduced_prompt: torch.Tensor | None = None
         self._original_prompt: torch.Tensor | None = None
         self.last_prompt_tokens: tuple[int, int] | None = None  # (before, after) of the last prompt pass
+        self.last_image_tokens = 0  # image tokens of the first prompt of that pass, before reduction
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         language_model = model.model.language_model
         self.handles.append(model.model.register_forward_pre_hook(self._record_images, with_kwargs=True))
@@ -246,11 +247,13 @@ class TokenReducer:
     # hooks
     def _record_images(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._image_mask = None if input_ids is None else input_ids == self.image_token_id
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        # Only a pass that carries images is a prompt pass: a decode step may *generate* the image token's id.
+        with_images = kwargs.get("pixel_values") is not None or encoded is not None
+        self._image_mask = input_ids == self.image_token_id if input_ids is not None and with_images else None
         # Generation encodes the images once, before the first forward, and hands the encoder output to
         # every pass (each pass of a cache-free generation): the scores travel on that object. When the
         # forward encodes `pixel_values` itself, the vision tower's hook sets them during this call.
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         self._scores = getattr(encoded, "eas_token_scores", None)
 
     def _score(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -331,6 +334,7 @@ class TokenReducer:
         self._reduce_prompt_mask(keep)
         self._scatter = (index, length, ~keep)
         self.last_prompt_tokens = (length, kept)
+        self.last_image_tokens = int(image_mask[0].sum())
         return kwargs
 
     def _tokens_per_image(self) -> int:
@@ -346,7 +350,8 @@ class TokenReducer:
         original = self._original_prompt if state.prompt_mask is self._reduced_prompt else state.prompt_mask
         n = original.shape[1]
         rows = keep[:, :n]
-        reduced = original[rows].view(original.shape[0], -1)
+        # A mask of one row (no attention mask given: every position is prompt) stands for the whole batch.
+        reduced = original.expand(rows.shape[0], -1)[rows].view(rows.shape[0], -1)
         state.prompt_mask = reduced
         self._original_prompt, self._reduced_prompt = original, reduced
 
@@ -396,6 +401,17 @@ def install_reduction(model: PreTrainedModel, reduction: TokenReduction, *, reco
         if isinstance(stored, dict):
             stored[CONFIG_FIELD] = reduction.model_dump(mode="json")
     return reducer
+
+
+def reduction_info(model: nn.Module) -> dict[str, object] | None:
+    """What /info shows: the budget and the last prompt's token counts (before, after), or None."""
+    reducer = token_reducer(model)
+    if reducer is None:
+        return None
+    info: dict[str, object] = reducer.reduction.model_dump(mode="json")
+    if reducer.last_prompt_tokens is not None:
+        info["last_prompt_tokens"] = list(reducer.last_prompt_tokens)
+    return info
 
 
 def remove_reduction(model: nn.Module) -> None:

@@ -37,6 +37,24 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _token_keep(value: str | None) -> float | str | None:
+    """--token-keep as the request field: 'auto', or a number (a percentage becomes a fraction)."""
+    if value is None or value == "auto":
+        return value
+    text = value.strip()
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        _fail(f"--token-keep {value!r}: give a fraction (0.25), a percentage (25%), a count (16) or 'auto'", 2)
+        raise  # unreachable: _fail exits
+
+
+def _describe_tokens(reduction: dict) -> str:
+    budget = (f"{reduction['keep_fraction']:.1%}" if reduction["keep_fraction"] is not None
+              else str(reduction["keep_count"]))
+    return f"keep {budget} per image by {reduction['criterion']}"
+
+
 def convert_command(
     store: Annotated[Path, typer.Option(help="model store directory (must exist; see --create-store)")],
     model: Annotated[str, typer.Option(help="model name in the store")],
@@ -53,6 +71,12 @@ def convert_command(
     skip_fraction: Annotated[float | None, typer.Option(help="skip this fraction of the attention layers")] = None,
     target_speedup: Annotated[float | None, typer.Option(help="skip the fewest layers predicted to reach this "
                                                                 "latency speedup on this device")] = None,
+    token_keep: Annotated[str | None, typer.Option(help="visual tokens kept per image: a fraction (0.25), a "
+                                                     "percentage (25%), a count (16), or 'auto' (planned with "
+                                                     "--target-speedup); default: all (docs/conversion.md)")]
+    = None,
+    token_criterion: Annotated[str | None, typer.Option(help="which image tokens to keep: cls | merge | uniform "
+                                                             "(default cls)")] = None,
     steps: Annotated[int | None, typer.Option(help="training steps (default 1500)")] = None,
     epochs: Annotated[float | None, typer.Option(help="training epochs (instead of --steps)")] = None,
     search_steps: Annotated[int | None, typer.Option(help="supernet steps of the eas search (default 3000)")] = None,
@@ -88,6 +112,7 @@ def convert_command(
             steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, eval_limit=eval_limit,
             evaluate_accuracy=not no_accuracy, include_layer0=include_layer0, activate=activate, out=out,
             device=device, threads=threads, search=search, preset=preset,
+            token_keep=_token_keep(token_keep), token_criterion=token_criterion,
         )
         # An option left out is not passed at all, so the preset (or the field's own default) fills it.
         request = ConversionRequest(**{k: v for k, v in fields.items() if v is not None})
@@ -130,6 +155,10 @@ def convert_command(
                    "questions)")
     typer.echo(f"  latency        {s['source_latency_s'] * 1e3:.1f} -> {s['converted_latency_s'] * 1e3:.1f} ms "
                f"(speedup {s['measured_speedup']:.2f}x measured, {s['predicted_speedup']:.2f}x predicted)")
+    if s["token_reduction"] is not None:
+        before, after = s["prompt_tokens"] or (None, None)
+        tokens = "" if before is None else f"; prompt {before} -> {after} tokens"
+        typer.echo(f"  image tokens   {_describe_tokens(s['token_reduction'])}{tokens}")
     typer.echo(f"  training       {s['train_steps']} steps; held-out loss {s['val_loss_before']:.4f} (untrained "
                f"adapters) -> {s['val_loss_after']:.4f} (source model {s['source_val_loss']:.4f})")
     typer.echo(f"  fold check     relative logit difference {s['fold_relative_diff']:.1e}")

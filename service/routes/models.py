@@ -7,6 +7,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
+from eas.model.token_reduction import reduction_info
 from service.deps import ServiceDep, require_api_token
 from service.lifecycle import Service
 from service.runner.registry import ServedVariant
@@ -44,6 +45,9 @@ class VariantView(BaseModel):
     device: str
     dtype: str
     skipped_layers: list[int]
+    # issue 19: the visual-token budget (criterion, keep_fraction/keep_count, last prompt's tokens before and
+    # after); null when every image token is kept
+    token_reduction: dict[str, object] | None = None
 
 
 class BatchingView(BaseModel):
@@ -107,6 +111,7 @@ async def info(service: ServiceDep) -> Info:
         variants=[VariantView(
             variant=v.variant, model=v.info.model, version=v.info.version, kind=v.info.kind, parent=v.info.parent,
             device=v.runner.device, dtype=v.runner.dtype, skipped_layers=list(v.runner.skipped_layers),
+            token_reduction=reduction_info(v.runner.model.model),
         ) for v in default_first(service)],
         batching=BatchingView(max_batch_size=s.max_batch_size, max_batch_wait_ms=s.max_batch_wait_ms,
                               max_queue_size=s.max_queue_size, default_deadline_ms=s.default_deadline_ms,

@@ -136,3 +136,115 @@ def test_refusals() -> None:
     install_reduction(model, TokenReduction(keep_fraction=0.5, criterion="uniform"))
     with pytest.raises(TokenReductionError, match="already"):
         install_reduction(model, TokenReduction(keep_fraction=0.5, criterion="uniform"))
+
+
+# --- the token budget, planned with the skip count ----------------------------------------------------------
+
+
+def _cost(total: float, attention: float, tokens: int):
+    from eas.conversion.budget import CostModel
+
+    return CostModel(device="cpu", num_layers=4, prompt_tokens=tokens, new_tokens=4, total_s=total,
+                     attention_s=attention, ffn_s=0.0)
+
+
+def test_joint_budget_picks_the_least_removal_reaching_the_target() -> None:
+    from eas.conversion.budget import Budget, TokenCostModel, resolve_token_budget
+
+    # 80 prompt tokens, 64 of them image tokens; at 25% kept (32 tokens) everything costs 40% as much.
+    cost = TokenCostModel(full=_cost(1.0, 0.1, 80), reduced=_cost(0.4, 0.04, 80), image_tokens=64, probe_keep=0.25)
+    assert cost.prompt_tokens(0.25) == 32
+    assert cost.predicted_speedup(0, 1.0) == pytest.approx(1.0)
+    assert cost.predicted_speedup(2, 0.25) == pytest.approx(1.0 / (0.4 - 2 * 0.04))
+    decision = resolve_token_budget(Budget(target_speedup=2.0), 4, 3, cost, None)
+    assert decision.predicted_speedup >= 2.0
+    removed = decision.k / 4 + (1 - decision.token_keep)
+    for keep in (1.0, 0.75, 0.5, 0.375, 0.25, 0.125):  # no combination that removes less also reaches 2x
+        for k in range(1, 4):
+            if k / 4 + (1 - keep) < removed:
+                assert cost.predicted_speedup(k, keep) < 2.0
+    fixed = resolve_token_budget(Budget(count=2), 4, 3, cost, 0.5)
+    assert (fixed.k, fixed.token_keep) == (2, 0.5)
+    with pytest.raises(ValueError, match="out of reach"):
+        resolve_token_budget(Budget(target_speedup=50.0), 4, 3, cost, None)
+
+
+# --- a conversion with the reduction in place, stored, loaded and served -------------------------------------
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class _OneVersion:
+    """The part of a store a conversion to `--out` reads (eas.conversion.export.VersionStore), over one
+    directory: keeps these tests independent of the store's database."""
+
+    def __init__(self, path) -> None:
+        from types import SimpleNamespace
+
+        self.info = SimpleNamespace(name="tiny", version="v1", ref="tiny:v1", path=path)
+
+    def get_version(self, name: str, version: str | None = None):
+        return self.info
+
+    conversion_source = verify = get_version
+
+
+@pytest.fixture(scope="module")
+def reduced_conversion(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir, shapes_jsonl):
+    from eas.conversion import pipeline
+    from tests.conversion.conftest import fast_request
+
+    out = tmp_path_factory.mktemp("reduced") / "out"
+    request = fast_request(store=out.parent / "unused", dataset=str(shapes_jsonl), out=out, token_keep=0.25,
+                           token_criterion="merge", criterion="deepest")
+    return pipeline.convert(request, open_store=lambda _root: _OneVersion(tiny_model_dir)), out
+
+
+def test_conversion_records_plan_and_reduction(reduced_conversion) -> None:
+    from eas.model.loading import load_model
+    from eas.model.token_reduction import stored_reduction
+
+    result, out = reduced_conversion
+    expected = TokenReduction(keep_fraction=0.25, criterion="merge")
+    assert result.token_reduction == expected
+    assert stored_reduction(out) == expected
+    assert result.fold_check.relative_diff <= 1e-5  # folded + reloaded (reduction re-installed) == trained
+    assert result.budget.token_keep == 0.25 and result.budget.predicted_speedup is not None
+    assert result.token_cost is not None and result.token_cost.image_tokens == 16
+    summary = result.summary()
+    assert summary["token_reduction"]["criterion"] == "merge" and summary["prompt_tokens"][1] < summary[
+        "prompt_tokens"][0]
+    loaded = load_model(out, device="cpu", dtype="fp32")
+    assert token_reducer(loaded.model).reduction == expected
+    assert loaded.plan.skipped == result.plan.skipped
+
+
+@pytest.mark.anyio
+async def test_served_equals_in_process(reduced_conversion) -> None:
+    from eas.model.loading import load_model
+    from service.settings import Settings
+    from tests.service.conftest import image_bytes, multipart, running_app
+
+    _, out = reduced_conversion
+    settings = Settings(model_path=out, model="tiny-reduced", device="cpu", dtype="fp32", max_batch_wait_ms=2.0,
+                        api_token=None, admin_token=None, shutdown_timeout_s=5.0)
+    direct = load_model(out, device="cpu", dtype="fp32")
+    import io
+
+    from PIL import Image
+
+    async with running_app(settings) as (_, client):
+        for colour in ((200, 30, 30), (30, 30, 200)):
+            png = image_bytes(colour)
+            response = await client.post("/v1/answer", **multipart(png, "what colour is the circle?"))
+            assert response.status_code == 200, response.text
+            expected = direct.answer([Image.open(io.BytesIO(png))], ["what colour is the circle?"])[0]
+            assert response.json()["answer"] == expected
+        info = (await client.get("/info")).json()
+    served = [v for v in info["variants"] if v["token_reduction"] is not None]
+    assert served and served[0]["token_reduction"]["keep_fraction"] == 0.25
+    before, after = served[0]["token_reduction"]["last_prompt_tokens"]
+    assert after == before - 12
