@@ -12,14 +12,22 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
 PAD_ID, BOS_ID, EOS_ID, IMAGE_TOKEN_ID = 0, 1, 2, 3
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a BPE tokenizer on `corpus`; left padding, as batched generation needs."""
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512,
+                    extra: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """Train a BPE tokenizer on `corpus`; left padding, as batched generation needs.
+
+    `extra` names further special tokens (attribute -> token, e.g. {"boi_token": "<start_of_image>"}); they
+    take the ids after the four fixed ones, in order, and become tokenizer attributes (`tok.boi_token`,
+    `tok.boi_token_id`), which several processors read. An "image_token" entry replaces "<image>"'s role."""
+    extra = dict(extra or {})
+    named = {"image_token": "<image>", **extra}
+    specials = SPECIAL_TOKENS + [t for t in extra.values() if t not in SPECIAL_TOKENS]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -32,7 +40,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=named,
         padding_side="left",
     )
     return hf_tok
