@@ -157,14 +157,14 @@ def _refusal_reason(layer: nn.Module, names: set[str]) -> str:
         return "its FFN is a mixture of experts: a PIA can only fold into one dense gated FFN"
     if "gate_up_proj" in mlp_names:
         return "its FFN fuses gate and up into one gate_up_proj; the fold is implemented for separate gate/up"
-    if "input_layernorm" not in names:
-        if "self_attn" in names or "attention" in names:
-            return "it has no input_layernorm: post-LN blocks cannot be folded (the norm follows the attention)"
+    if not names & {"self_attn", "attention", "attn", "self_attention"}:
         return "it has no self-attention sub-layer (a recurrent, convolutional or linear-attention block)"
+    if (mlp_names and not mlp_names >= {"gate_proj", "up_proj", "down_proj"}) or {"fc1", "fc2"} <= names:
+        return "its FFN is not gated (gate/up/down): only a gated FFN can absorb a PIA"
+    if "input_layernorm" not in names:
+        return "it has no input_layernorm: post-LN blocks cannot be folded (the norm follows the attention)"
     if "mlp" not in names:
         return "it has no `mlp` feed-forward module"
-    if mlp_names and not mlp_names >= {"gate_proj", "up_proj", "down_proj"}:
-        return "its FFN is not gated (gate/up/down): only a gated FFN can absorb a PIA"
     if "post_attention_layernorm" not in names:
         return "its FFN reads the attention's input norm (a parallel attention/FFN block): no second norm gain"
     extra = sorted(names - max(FORMS, key=lambda f: len(f.children & names)).children)
