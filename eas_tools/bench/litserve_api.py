@@ -1,0 +1,37 @@
+"""The LitServe side of eas_tools/bench/peers.py, in its own module: LitServe starts its inference worker
+with multiprocessing's spawn, which pickles the API object, so its class must be importable by name (and
+litserve, a dev-only dependency, is imported only where this server runs). No `from __future__ import
+annotations` here: LitServe reads `decode_request`'s annotation at run time to build its request body."""
+
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+
+
+class PeerApi(ls.LitAPI):
+    """`LoadedModel.answer` over each dynamic batch LitServe forms."""
+
+    def __init__(self, model_dir: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model_dir = model_dir
+
+    def setup(self, device: str) -> None:
+        from eas.model.loading import load_model
+
+        self.model = load_model(self.model_dir, device="cpu", dtype="fp32")
+
+    def decode_request(self, request: dict[str, Any]) -> tuple[Any, str, int]:
+        from eas_tools.bench.peers import decode_body
+
+        return decode_body(request)
+
+    def predict(self, batch: Any) -> list[str]:
+        rows = batch if isinstance(batch, list) else [batch]  # max batch 1: LitServe passes the item itself
+        return self.model.answer([r[0] for r in rows], [r[1] for r in rows], max(r[2] for r in rows))
+
+    def unbatch(self, output: list[str]) -> list[str]:
+        return output
+
+    def encode_response(self, output: Any) -> dict[str, str]:
+        return {"answer": output if isinstance(output, str) else output[0]}

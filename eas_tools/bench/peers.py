@@ -1,0 +1,432 @@
+"""eas-serve beside its peers on the same model: LitServe and a minimal FastAPI + transformers server.
+
+    python -m eas_tools.bench.peers                       # embedded demo model, 1/4/16 clients, 3 rounds
+    python -m eas_tools.bench.peers --cotenant            # eas-serve's thread choice beside a busy neighbour
+
+Each server runs in its own process with the same torch thread count (`--threads`, default 1), loads the
+same directory with `eas.model.loading.load_model` (eas-serve through its own loader, which ends there) and
+answers the same JSON body `{"image": base64, "question": ..., "max_new_tokens": n}`:
+
+- `eas-serve`: the service itself (`service.app.create_app` under uvicorn, only the `eas` variant).
+- `litserve`: a `LitAPI` with dynamic batching (`--max-batch`, `--litserve-timeout-ms`), one worker.
+- `naive`: FastAPI with one endpoint that runs `LoadedModel.answer` for one request at a time.
+
+First every server answers the same request list one by one and the answers are compared (identity).
+Then, per round, for each client count every server gets the same closed-loop load for `--duration`
+seconds, in an order that rotates each round; the report gives per-cell medians over rounds of req/s and
+p50 latency, and eas-serve's paired per-round ratios against each peer (median of the ratios).
+
+`--cotenant` starts a CPU-bound process pinned to one core and measures eas-serve three ways beside it:
+its default threads (service/cpu.py: usable CPUs, OMP_WAIT_POLICY=PASSIVE), 1 thread, and 2 threads with
+the OpenMP wait policy left unset (the behaviour before issue 18); the ratio to 1 thread is the acceptance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+EMBEDDED = Path(__file__).resolve().parents[2] / "model_store" / "embedded" / "easy-vqa-llava-eas"
+SERVERS = ("eas-serve", "litserve", "naive")
+ROUTES = {"eas-serve": "/v1/answer", "litserve": "/predict", "naive": "/answer"}
+HEALTH = {"eas-serve": "/health/ready", "litserve": "/health", "naive": "/health"}
+COLOURS = [(200, 30, 30), (30, 160, 30), (30, 30, 200), (220, 200, 30), (120, 60, 160), (90, 90, 90),
+           (0, 150, 150), (230, 120, 20)]
+OLD_THREADS = "EAS_BENCH_SKIP_CPU_SETUP"  # the server skips service/cpu.py's set-up (the old behaviour)
+QUESTIONS = ["what colour is the shape?", "what shape is in the image?", "is there a circle?",
+             "what is the colour of the shape?"]
+
+
+# --- the requests ------------------------------------------------------------------------------------------
+
+def request_bodies(count: int = 16, max_new_tokens: int = 8) -> list[dict[str, Any]]:
+    """`count` distinct requests: shapes in several colours and sizes, several questions."""
+    from PIL import Image, ImageDraw
+
+    bodies = []
+    for i in range(count):
+        size = 48 + 8 * (i % 4)
+        image = Image.new("RGB", (size, size), (255, 255, 255))
+        box = (size // 5, size // 5, 4 * size // 5, 4 * size // 5)
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if i % 2 else draw.rectangle)(box, fill=COLOURS[i % len(COLOURS)])
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        bodies.append({"image": base64.b64encode(buffer.getvalue()).decode(), "question": QUESTIONS[i % 4],
+                       "max_new_tokens": max_new_tokens})
+    return bodies
+
+
+# --- the servers (each `python -m eas_tools.bench.peers _serve NAME ...` in its own process) -------------
+
+def serve(name: str, port: int, model_dir: Path, *, max_batch: int, window_ms: float,
+          litserve_timeout_ms: float) -> None:
+    if name == "eas-serve":
+        _serve_eas(port, model_dir, max_batch, window_ms)
+    elif name == "litserve":
+        _serve_litserve(port, model_dir, max_batch, litserve_timeout_ms)
+    else:
+        _serve_naive(port, model_dir)
+
+
+def _serve_eas(port: int, model_dir: Path, max_batch: int, window_ms: float) -> None:
+    if not os.environ.get(OLD_THREADS):
+        from service.cpu import prepare_process
+
+        prepare_process()  # what `eas serve` does: OMP_NUM_THREADS / OMP_WAIT_POLICY unless already set
+    import uvicorn
+
+    from service.app import create_app
+    from service.server import DrainingServer
+    from service.settings import Settings
+
+    settings = Settings(model_path=model_dir, load_baseline=False, model="peers", device="cpu", dtype="fp32",
+                        max_batch_size=max_batch, max_batch_wait_ms=window_ms, max_queue_size=1024,
+                        default_deadline_ms=600_000, max_deadline_ms=600_000, api_token=None, admin_token=None,
+                        shadow_fraction=0.0)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                            access_log=False)
+    DrainingServer(config, app.state.service).run()
+
+
+def decode_body(body: dict[str, Any]) -> tuple[Any, str, int]:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(body["image"]))).convert("RGB")
+    return image, str(body["question"]), int(body.get("max_new_tokens", 8))
+
+
+def _serve_litserve(port: int, model_dir: Path, max_batch: int, timeout_ms: float) -> None:
+    import litserve as ls
+
+    from eas_tools.bench.litserve_api import PeerApi
+
+    api = PeerApi(model_dir, max_batch_size=max_batch, batch_timeout=timeout_ms / 1000.0)
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=600)
+    server.run(host="127.0.0.1", port=port, log_level="warning", generate_client_file=False, num_api_servers=1)
+
+
+def _serve_naive(port: int, model_dir: Path) -> None:
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from eas.model.loading import load_model
+
+    model = load_model(model_dir, device="cpu", dtype="fp32")
+    lock = threading.Lock()  # one request at a time: no batching, no concurrent use of the model
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/answer")
+    def answer(body: dict[str, Any]) -> dict[str, str]:
+        image, question, max_new_tokens = decode_body(body)
+        with lock:
+            return {"answer": model.answer([image], [question], max_new_tokens)[0]}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str
+    label: str
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+@contextmanager
+def start_server(name: str, args: argparse.Namespace, *, label: str | None = None,
+                 env: dict[str, str] | None = None):
+    port = free_port()
+    command = [sys.executable, "-m", "eas_tools.bench.peers", "_serve", name, "--port", str(port),
+               "--model", str(args.model), "--max-batch", str(args.max_batch), "--window-ms", str(args.window_ms),
+               "--litserve-timeout-ms", str(args.litserve_timeout_ms)]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env if env is not None else thread_env(args.threads))}
+    environment = {k: v for k, v in environment.items() if v is not None}
+    process = subprocess.Popen(command, env=environment, start_new_session=True)
+    server = Server(name, label or name, f"http://127.0.0.1:{port}", process)
+    try:
+        _wait_ready(server, HEALTH[name])
+        yield server
+    finally:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGTERM)  # litserve's workers share the server's session
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+
+
+def thread_env(threads: int | None, policy: str | None = None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    return env
+
+
+
+
+def _wait_ready(server: Server, path: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(trust_env=False, timeout=2) as client:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"{server.label} exited with {server.process.returncode} before it was ready")
+            try:
+                if client.get(server.url + path).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"{server.label} was not ready within {timeout_s:.0f} s")
+
+
+# --- the load ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    server: str
+    clients: int
+    round: int
+    requests: int
+    wall_s: float
+    p50_ms: float
+    p90_ms: float
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall_s if self.wall_s > 0 else 0.0
+
+
+async def closed_loop(url: str, bodies: list[dict[str, Any]], clients: int, duration_s: float,
+                      warmup_s: float) -> tuple[list[float], int, float]:
+    """`clients` clients, each sending its next request as soon as its last one is answered."""
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(trust_env=False, timeout=120, limits=limits) as client:
+        start = time.monotonic()
+        measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
+
+        async def one(k: int) -> None:
+            nonlocal errors
+            i = k
+            while True:
+                sent = time.monotonic()
+                if sent >= stop_at:
+                    return
+                response = await client.post(url, json=bodies[i % len(bodies)])
+                done = time.monotonic()
+                i += clients
+                if measure_from <= done <= stop_at:  # answered inside the window (req/s = these / window)
+                    if response.status_code == 200:
+                        latencies.append(done - sent)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(one(k) for k in range(clients)))
+    return latencies, errors, duration_s
+
+
+def measure(server: Server, bodies: list[dict[str, Any]], clients: int, rnd: int, duration_s: float,
+            warmup_s: float) -> Cell:
+    latencies, errors, wall = asyncio.run(closed_loop(server.url + ROUTES[server.name], bodies, clients,
+                                                      duration_s, warmup_s))
+    ordered = sorted(latencies) or [float("nan")]
+    return Cell(server=server.label, clients=clients, round=rnd, requests=len(latencies), wall_s=wall,
+                p50_ms=1000 * statistics.median(ordered), p90_ms=1000 * ordered[int(0.9 * (len(ordered) - 1))],
+                errors=errors)
+
+
+def answers(server: Server, bodies: list[dict[str, Any]]) -> list[str]:
+    with httpx.Client(trust_env=False, timeout=120) as client:
+        out = []
+        for body in bodies:
+            response = client.post(server.url + ROUTES[server.name], json=body)
+            response.raise_for_status()
+            out.append(response.json()["answer"])
+        return out
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    settings: dict[str, Any]
+    load_before: str
+    load_after: str = ""
+    identical_answers: bool | None = None
+    answers: dict[str, list[str]] = field(default_factory=dict)
+    cells: list[dict[str, Any]] = field(default_factory=list)
+    summary: list[dict[str, Any]] = field(default_factory=list)
+
+
+def summarise(cells: list[Cell], reference: str, others: list[str]) -> list[dict[str, Any]]:
+    """Per (server, clients): medians over rounds; for the reference, its paired per-round ratios to others."""
+    rows = []
+    by = {(c.server, c.clients, c.round): c for c in cells}
+    for clients in sorted({c.clients for c in cells}):
+        for name in [reference, *others]:
+            mine = [c for c in cells if c.server == name and c.clients == clients]
+            if not mine:
+                continue
+            row: dict[str, Any] = {"server": name, "clients": clients, "rounds": len(mine),
+                                   "rps": statistics.median(c.rps for c in mine),
+                                   "p50_ms": statistics.median(c.p50_ms for c in mine),
+                                   "errors": sum(c.errors for c in mine)}
+            if name != reference:
+                pairs = [(by[(reference, clients, c.round)], c) for c in mine if (reference, clients, c.round) in by]
+                # > 1 means eas-serve (the reference) is better: more req/s, lower p50
+                row[f"{reference}_rps_ratio"] = statistics.median(r.rps / c.rps for r, c in pairs if c.rps)
+                row[f"{reference}_p50_ratio"] = statistics.median(r.p50_ms / c.p50_ms for r, c in pairs)
+            rows.append(row)
+    return rows
+
+
+def format_summary(rows: list[dict[str, Any]], reference: str) -> str:
+    lines = [f"{'clients':>7} {'server':<22} {'req/s':>8} {'p50 ms':>8}  paired vs {reference} (req/s ratio, "
+             f"p50 ratio; median of rounds)"]
+    for row in rows:
+        extra = ""
+        if f"{reference}_rps_ratio" in row:
+            extra = (f"  {reference}/this req/s {row[f'{reference}_rps_ratio']:.2f}x, "
+                     f"p50 {row[f'{reference}_p50_ratio']:.2f}x")
+        lines.append(f"{row['clients']:>7} {row['server']:<22} {row['rps']:>8.1f} {row['p50_ms']:>8.1f}{extra}")
+    return "\n".join(lines)
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f} (cpus {os.cpu_count()})"
+
+
+# --- the two benchmarks ------------------------------------------------------------------------------------
+
+def run_peers(args: argparse.Namespace) -> Report:
+    bodies = request_bodies(args.requests, args.max_new_tokens)
+    clients_list = [int(c) for c in args.clients.split(",")]
+    report = Report(settings={k: str(v) for k, v in vars(args).items()}, load_before=_load())
+    cells: list[Cell] = []
+    with ExitStack() as stack:
+        servers = [stack.enter_context(start_server(name, args)) for name in args.servers.split(",")]
+        for server in servers:
+            report.answers[server.label] = answers(server, bodies)
+        report.identical_answers = len({tuple(a) for a in report.answers.values()}) == 1
+        for rnd in range(args.rounds):
+            for clients in clients_list:
+                shift = rnd % len(servers)
+                for server in servers[shift:] + servers[:shift]:  # the order rotates every round
+                    cell = measure(server, bodies, clients, rnd, args.duration, args.warmup)
+                    cells.append(cell)
+                    print(f"round {rnd} clients {clients:>2} {server.label:<10} {cell.rps:7.1f} req/s "
+                          f"p50 {cell.p50_ms:6.1f} ms", file=sys.stderr, flush=True)
+    report.load_after = _load()
+    report.cells = [{**asdict(c), "rps": c.rps} for c in cells]
+    report.summary = summarise(cells, servers[0].label, [s.label for s in servers[1:]])
+    return report
+
+
+def run_cotenant(args: argparse.Namespace) -> Report:
+    """eas-serve beside a CPU-bound neighbour pinned to one core, three thread set-ups, interleaved."""
+    bodies = request_bodies(args.requests, args.max_new_tokens)
+    clients_list = [int(c) for c in args.clients.split(",")]
+    report = Report(settings={k: str(v) for k, v in vars(args).items()}, load_before=_load())
+    setups = {  # label -> the server's thread environment (None: nothing set, service/cpu.py decides)
+        "default": {},
+        "1-thread": thread_env(1),
+        "2-threads-unset-policy": {**thread_env(2), OLD_THREADS: "1"},  # before issue 18: torch's own choice
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    cells: list[Cell] = []
+    with ExitStack() as stack:
+        servers = []
+        for label, env in setups.items():
+            environment = {**base, **env}
+            servers.append(stack.enter_context(start_server("eas-serve", args, label=label, env=environment)))
+        neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                     preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+        stack.callback(neighbour.wait, 10)
+        stack.callback(neighbour.kill)
+        time.sleep(0.5)
+        for rnd in range(args.rounds):
+            for clients in clients_list:
+                shift = rnd % len(servers)
+                for server in servers[shift:] + servers[:shift]:
+                    cell = measure(server, bodies, clients, rnd, args.duration, args.warmup)
+                    cells.append(cell)
+                    print(f"round {rnd} clients {clients:>2} {server.label:<24} {cell.rps:7.1f} req/s "
+                          f"p50 {cell.p50_ms:6.1f} ms", file=sys.stderr, flush=True)
+    report.load_after = _load()
+    report.cells = [{**asdict(c), "rps": c.rps} for c in cells]
+    report.summary = summarise(cells, "default", ["1-thread", "2-threads-unset-policy"])
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m eas_tools.bench.peers", description=__doc__.split("\n")[0])
+    parser.add_argument("command", nargs="?", default="bench", choices=["bench", "_serve"])
+    parser.add_argument("name", nargs="?", choices=SERVERS)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--model", type=Path, default=EMBEDDED)
+    parser.add_argument("--servers", default=",".join(SERVERS), help="eas-serve first: it is the reference")
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each cell")
+    parser.add_argument("--requests", type=int, default=16, help="distinct requests, cycled")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every server (0: theirs)")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--window-ms", type=float, default=5.0, help="eas-serve's max batch wait")
+    parser.add_argument("--litserve-timeout-ms", type=float, default=5.0, help="LitServe's batch_timeout")
+    parser.add_argument("--cotenant", action="store_true", help="eas-serve's threads beside a busy neighbour")
+    parser.add_argument("--out", type=Path, help="write the report here as JSON")
+    args = parser.parse_args(argv)
+    if args.command == "_serve":
+        serve(args.name, args.port, args.model, max_batch=args.max_batch, window_ms=args.window_ms,
+              litserve_timeout_ms=args.litserve_timeout_ms)
+        return
+    report = run_cotenant(args) if args.cotenant else run_peers(args)
+    reference = "default" if args.cotenant else report.summary[0]["server"]
+    print(format_summary(report.summary, reference))
+    if report.identical_answers is not None:
+        print(f"answers identical across servers: {report.identical_answers}")
+    print(f"load average before {report.load_before}, after {report.load_after}")
+    if args.out:
+        args.out.write_text(json.dumps(asdict(report), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""eas_tools/bench/peers.py: the report's arithmetic and the shared request list (the servers themselves
+are exercised by running the benchmark, docs/serving.md)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from eas_tools.bench.peers import Cell, decode_body, format_summary, request_bodies, summarise
+
+
+def _cell(server: str, clients: int, rnd: int, requests: int, p50: float) -> Cell:
+    return Cell(server=server, clients=clients, round=rnd, requests=requests, wall_s=1.0, p50_ms=p50,
+                p90_ms=p50, errors=0)
+
+
+def test_summary_pairs_rounds() -> None:
+    cells = [_cell("eas-serve", 4, 0, 100, 10.0), _cell("litserve", 4, 0, 80, 12.0),
+             _cell("eas-serve", 4, 1, 50, 20.0), _cell("litserve", 4, 1, 50, 20.0),  # a loaded round: both slow
+             _cell("eas-serve", 4, 2, 90, 11.0), _cell("litserve", 4, 2, 75, 13.0)]
+    rows = {r["server"]: r for r in summarise(cells, "eas-serve", ["litserve"])}
+    assert rows["eas-serve"]["rps"] == 90 and rows["litserve"]["rps"] == 75
+    assert rows["litserve"]["eas-serve_rps_ratio"] == pytest.approx(1.2)  # median of 1.25, 1.0, 1.2
+    assert rows["litserve"]["eas-serve_p50_ratio"] == pytest.approx(11 / 13)
+    assert "litserve" in format_summary(list(rows.values()), "eas-serve")
+
+
+def test_requests_are_distinct_and_decode() -> None:
+    bodies = request_bodies(8, max_new_tokens=5)
+    assert len({b["image"] + b["question"] for b in bodies}) == 8
+    image, question, max_new_tokens = decode_body(bodies[0])
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and max_new_tokens == 5
+    assert Image.open(io.BytesIO(base64.b64decode(bodies[0]["image"]))).format == "PNG" and question
