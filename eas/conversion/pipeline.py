@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -106,7 +106,7 @@ class ConversionRequest(BaseModel):
     include_layer0: bool = False
     # visual-token reduction (issue 19; docs/conversion.md): a fraction (<= 1) or a count (> 1) of each image's
     # tokens, or "auto" (with target_speedup: planned together with the skip count)
-    token_keep: float | Literal["auto"] | None = Field(None, gt=0)
+    token_keep: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None
     token_criterion: Literal["cls", "merge", "uniform"] = "cls"
     # training (stage 2)
     steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")

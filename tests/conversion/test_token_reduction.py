@@ -248,3 +248,22 @@ async def test_served_equals_in_process(reduced_conversion) -> None:
     assert served and served[0]["token_reduction"]["keep_fraction"] == 0.25
     before, after = served[0]["token_reduction"]["last_prompt_tokens"]
     assert after == before - 12
+
+
+def test_request_and_cli_validate_the_token_budget(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from eas.conversion.pipeline import ConversionRequest
+    from eas_tools.cli import app
+
+    request = ConversionRequest(store=tmp_path, model="m", skip_count=1, token_keep=16, token_criterion="merge")
+    assert request.token_reduction() == TokenReduction(keep_count=16, criterion="merge")
+    assert ConversionRequest(store=tmp_path, model="m", target_speedup=2.0, token_keep="auto").token_reduction(
+        0.25) == TokenReduction(keep_fraction=0.25)
+    with pytest.raises(ValueError, match="target"):
+        ConversionRequest(store=tmp_path, model="m", skip_count=1, token_keep="auto")
+    with pytest.raises(ValueError, match="whole number"):
+        ConversionRequest(store=tmp_path, model="m", skip_count=1, token_keep=2.5)
+    result = CliRunner().invoke(app, ["convert", "--store", str(tmp_path), "--model", "m", "--skip-count", "1",
+                                      "--token-keep", "lots"])
+    assert result.exit_code == 2 and "--token-keep" in result.output
