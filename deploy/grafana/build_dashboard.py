@@ -145,6 +145,20 @@ def panels() -> list[dict[str, Any]]:
         [(quantile(0.5, "eas_batch_inference_duration_seconds", by="variant, traffic, batch_size"),
           "{{variant}} {{traffic}} batch {{batch_size}}")], "s"), w=12)
 
+    g.row("Streaming: time to first token and per output token")
+    g.add(timeseries(
+        "Time to first token p50 / p95", "Request arrival to the request's first generated token on the "
+        "server, per variant (eas_time_to_first_token_seconds via eas:time_to_first_token_seconds:p50_5m / "
+        "p95_5m): what a streaming client waits before the first chunk.",
+        [(f'eas:time_to_first_token_seconds:p{p}_5m{{{MV}}}', f"{{{{variant}}}} p{p}") for p in (50, 95)], "s"),
+        w=12)
+    g.add(timeseries(
+        "Time per output token p50 / p95", "Mean time between a request's later tokens, per variant "
+        "(eas_time_per_output_token_seconds via eas:time_per_output_token_seconds:p50_5m / p95_5m): the pace "
+        "of a stream once it has started.",
+        [(f'eas:time_per_output_token_seconds:p{p}_5m{{{MV}}}', f"{{{{variant}}}} p{p}") for p in (50, 95)],
+        "s"), w=12)
+
     g.row("Shadow traffic")
     g.add(stat("Shadow answer agreement", "Share of mirrored requests whose baseline answer equals the eas "
                "answer (eas_shadow_agreement_total).",
