@@ -28,9 +28,9 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 
 
 def store_exists(root: Path) -> bool:
-    from model_store.registry import DB_NAME  # torch-free, but only needed once a command runs
+    from model_store import ModelStore  # torch-free, but only needed once a command runs
 
-    return (root / DB_NAME).is_file()
+    return ModelStore.exists(root)
 
 
 def resolve_store(option: Path | None, *, create: bool) -> tuple[Path, bool]:

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from sqlalchemy import ColumnElement, Connection, and_, delete, func, insert, inspect, select, text, update
+
 from model_store import registry
 from model_store.errors import Conflict, InvalidTransition, JobNotFound
-from model_store.registry import Registry, utc_now
+from model_store.registry import Registry, tables, utc_now
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -97,7 +98,8 @@ def params_hash(model: str, source_version: str, params: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _row_to_job(row: sqlite3.Row) -> JobRecord:
+def _row_to_job(row: Any) -> JobRecord:
+    row = row._mapping
     return JobRecord(
         id=row["id"],
         model=row["model"],
@@ -120,8 +122,12 @@ def _row_to_job(row: sqlite3.Row) -> JobRecord:
     )
 
 
-def _fetch(conn: sqlite3.Connection, job_id: str) -> JobRecord:
-    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+def _job_columns(conn: Connection) -> Any:
+    return select(*(c for c in tables(conn).jobs.c if c.name != "ord"))
+
+
+def _fetch(conn: Connection, job_id: str) -> JobRecord:
+    row = conn.execute(_job_columns(conn).where(tables(conn).jobs.c.id == job_id)).first()
     if row is None:
         raise JobNotFound(f"unknown job {job_id!r}")
     return _row_to_job(row)
@@ -132,11 +138,14 @@ def _check_status(status: str | None) -> None:
         raise ValueError(f"unknown job status {status!r} (one of {', '.join(STATUSES)})")
 
 
-def _fail_pending_activation(conn: sqlite3.Connection, where: str, args: tuple[Any, ...], reason: str) -> None:
-    conn.execute(
-        f"UPDATE jobs SET activation = 'failed', activation_error = ? WHERE activation = 'pending' AND {where}",
-        (reason, *args),
-    )
+def _fail_pending_activation(conn: Connection, where: ColumnElement[bool], reason: str) -> None:
+    jobs = tables(conn).jobs
+    conn.execute(update(jobs).where(jobs.c.activation == "pending", where)
+                 .values(activation="failed", activation_error=reason))
+
+
+def _unfinished(conn: Connection) -> ColumnElement[bool]:
+    return tables(conn).jobs.c.status.in_(["queued", "running"])
 
 
 class Jobs:
@@ -149,15 +158,15 @@ class Jobs:
     def _add_activation_columns(self) -> None:
         """Stores written before activation outcomes were recorded lack the two columns: add them."""
         with self._db.read() as conn:
-            present = {r["name"] for r in conn.execute("PRAGMA table_info(jobs)")}
+            present = {c["name"] for c in inspect(conn).get_columns("jobs")}
         missing = {name: kind for name, kind in _ACTIVATION_COLUMNS.items() if name not in present}
         if not missing:
             return
         with self._db.write() as conn:
-            present = {r["name"] for r in conn.execute("PRAGMA table_info(jobs)")}  # another process may have won
+            present = {c["name"] for c in inspect(conn).get_columns("jobs")}  # another process may have won
             for name, kind in missing.items():
                 if name not in present:
-                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+                    conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {kind}"))
 
     def create(
         self,
@@ -177,8 +186,9 @@ class Jobs:
         params = dict(params or {})
         digest = params_hash(model, source_version, params)
         with self._db.write() as conn:
+            jobs = tables(conn).jobs
             if idempotency_key is not None:
-                row = conn.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+                row = conn.execute(_job_columns(conn).where(jobs.c.idempotency_key == idempotency_key)).first()
                 if row is not None:
                     existing = _row_to_job(row)
                     if existing.params_hash != digest:
@@ -190,21 +200,18 @@ class Jobs:
                     return existing
             if not registry.version_exists(conn, model, source_version):
                 raise registry.missing_version(conn, model, source_version)
-            row = conn.execute(
-                "SELECT id, status FROM jobs WHERE model = ? AND status IN ('queued', 'running')", (model,)
-            ).fetchone()
+            row = conn.execute(select(jobs.c.id, jobs.c.status)
+                               .where(jobs.c.model == model, _unfinished(conn))).first()
             if row is not None:
                 raise Conflict(
-                    f"a conversion of model {model!r} is already {row['status']} (job {row['id']})",
-                    job_id=row["id"],
+                    f"a conversion of model {model!r} is already {row.status} (job {row.id})",
+                    job_id=row.id,
                 )
             job_id = str(uuid.uuid4())
-            conn.execute(
-                "INSERT INTO jobs(id, model, source_version, params, params_hash, status, created_at,"
-                " idempotency_key, activation) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
-                (job_id, model, source_version, json.dumps(params), digest, utc_now(), idempotency_key,
-                 "pending" if activate else None),
-            )
+            conn.execute(insert(jobs).values(
+                id=job_id, model=model, source_version=source_version, params=json.dumps(params),
+                params_hash=digest, status="queued", created_at=utc_now(), idempotency_key=idempotency_key,
+                activation="pending" if activate else None))
             return _fetch(conn, job_id)
 
     def get(self, job_id: str) -> JobRecord:
@@ -218,31 +225,30 @@ class Jobs:
         _check_status(status)
         if limit < 0 or offset < 0:
             raise ValueError("limit and offset must be >= 0")
-        where, args = self._filters(status, model)
         with self._db.read() as conn:
-            rows = conn.execute(
-                f"SELECT * FROM jobs{where} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
-                (*args, limit, offset),
-            ).fetchall()
-        return [_row_to_job(r) for r in rows]
+            t = tables(conn)
+            query = (_job_columns(conn).where(*self._filters(conn, status, model))
+                     .order_by(t.jobs.c.created_at.desc(), t.insertion_order(t.jobs).desc())
+                     .limit(limit).offset(offset))
+            return [_row_to_job(r) for r in conn.execute(query)]
 
     def count(self, status: str | None = None, *, model: str | None = None) -> int:
         """Total matching `select`'s filters, for paging."""
         _check_status(status)
-        where, args = self._filters(status, model)
         with self._db.read() as conn:
-            return int(conn.execute(f"SELECT COUNT(*) FROM jobs{where}", args).fetchone()[0])
+            jobs = tables(conn).jobs
+            query = select(func.count()).select_from(jobs).where(*self._filters(conn, status, model))
+            return int(conn.execute(query).scalar_one())
 
     @staticmethod
-    def _filters(status: str | None, model: str | None) -> tuple[str, tuple[str, ...]]:
-        clauses, args = [], []
+    def _filters(conn: Connection, status: str | None, model: str | None) -> list[ColumnElement[bool]]:
+        jobs = tables(conn).jobs
+        clauses = []
         if status is not None:
-            clauses.append("status = ?")
-            args.append(status)
+            clauses.append(jobs.c.status == status)
         if model is not None:
-            clauses.append("model = ?")
-            args.append(model)
-        return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
+            clauses.append(jobs.c.model == model)
+        return clauses
 
     def update(self, job_id: str, **fields: Any) -> JobRecord:
         """Change status/progress/stage/error/result/worker_pid; returns the updated record.
@@ -280,8 +286,8 @@ class Jobs:
                     columns["activation"] = "failed"
                     columns["activation_error"] = f"the job ended {new_status}: nothing to activate"
             if columns:
-                assignments = ", ".join(f"{name} = ?" for name in columns)
-                conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*columns.values(), job_id))
+                jobs = tables(conn).jobs
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(**columns))
             return _fetch(conn, job_id)
 
     def request_cancel(self, job_id: str) -> JobRecord:
@@ -291,15 +297,14 @@ class Jobs:
         worker stops at the next check and records `cancelled`. A terminal job is returned unchanged.
         """
         with self._db.write() as conn:
+            jobs = tables(conn).jobs
             job = _fetch(conn, job_id)
             if job.status == "queued":
-                conn.execute(
-                    "UPDATE jobs SET status = 'cancelled', cancel_requested = 1, finished_at = ? WHERE id = ?",
-                    (utc_now(), job_id),
-                )
-                _fail_pending_activation(conn, "id = ?", (job_id,), "the job ended cancelled: nothing to activate")
+                conn.execute(update(jobs).where(jobs.c.id == job_id)
+                             .values(status="cancelled", cancel_requested=1, finished_at=utc_now()))
+                _fail_pending_activation(conn, jobs.c.id == job_id, "the job ended cancelled: nothing to activate")
             elif job.status == "running":
-                conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(cancel_requested=1))
             return _fetch(conn, job_id)
 
     def fail_interrupted(self, reason: str) -> list[str]:
@@ -309,12 +314,11 @@ class Jobs:
         its worker is gone and nobody will ever finish it.
         """
         with self._db.write() as conn:
-            ids = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE status IN ('queued', 'running')")]
-            _fail_pending_activation(conn, "status IN ('queued', 'running')", (), f"the job failed: {reason}")
-            conn.execute(
-                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE status IN ('queued', 'running')",
-                (reason, utc_now()),
-            )
+            jobs = tables(conn).jobs
+            ids = list(conn.execute(select(jobs.c.id).where(_unfinished(conn))).scalars())
+            _fail_pending_activation(conn, _unfinished(conn), f"the job failed: {reason}")
+            conn.execute(update(jobs).where(_unfinished(conn))
+                         .values(status="failed", error=reason, finished_at=utc_now()))
         return ids
 
     def set_activation(self, job_id: str, state: ActivationState, error: str | None = None) -> JobRecord:
@@ -322,17 +326,19 @@ class Jobs:
         if state not in ACTIVATION_STATES:
             raise ValueError(f"unknown activation state {state!r} (one of {', '.join(ACTIVATION_STATES)})")
         with self._db.write() as conn:
+            jobs = tables(conn).jobs
             _fetch(conn, job_id)
-            conn.execute("UPDATE jobs SET activation = ?, activation_error = ? WHERE id = ?", (state, error, job_id))
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(activation=state, activation_error=error))
             return _fetch(conn, job_id)
 
     def fail_pending_activations(self, reason: str) -> list[str]:
         """Fail every still-pending activation of a finished job (a server stopped between the job's success
         and acting on it); returns the job ids."""
         with self._db.write() as conn:
-            where = "activation = 'pending' AND status IN ('succeeded', 'failed', 'cancelled')"
-            ids = [r["id"] for r in conn.execute(f"SELECT id FROM jobs WHERE {where}")]
-            _fail_pending_activation(conn, where, (), reason)
+            jobs = tables(conn).jobs
+            where = and_(jobs.c.activation == "pending", jobs.c.status.in_(sorted(TERMINAL)))
+            ids = list(conn.execute(select(jobs.c.id).where(where)).scalars())
+            _fail_pending_activation(conn, where, reason)
             return ids
 
     def cleanup(self, ttl: timedelta, *, now: datetime | None = None) -> list[str]:
@@ -347,7 +353,8 @@ class Jobs:
             reference = reference.replace(tzinfo=UTC)
         cutoff = registry.format_time(reference - ttl)
         with self._db.write() as conn:
-            expired = "status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?"
-            ids = [r["id"] for r in conn.execute(f"SELECT id FROM jobs WHERE {expired}", (cutoff,))]
-            conn.execute(f"DELETE FROM jobs WHERE {expired}", (cutoff,))
+            jobs = tables(conn).jobs
+            expired = and_(jobs.c.status.in_(sorted(TERMINAL)), jobs.c.finished_at < cutoff)
+            ids = list(conn.execute(select(jobs.c.id).where(expired)).scalars())
+            conn.execute(delete(jobs).where(expired))
             return ids

@@ -1,82 +1,72 @@
-"""The SQLite registry: schema, connections and the model/version queries.
+"""The registry: models, versions, active pointers, the default model and jobs, in SQLite or PostgreSQL.
+
+One setting chooses the backend (`ModelStore(registry_url=...)`, else `$EAS_REGISTRY_URL`): none means the
+SQLite file `store.sqlite3` inside the store (single node, the default); a `postgresql://` DSN means a
+PostgreSQL database that several processes on several nodes share (cluster). The tables are one SQLAlchemy
+Core definition (model_store/schema.py) and every query below is written once for both.
 
 The database is the single source of truth for what exists: a version directory on disk without a row is
-an interrupted write and is never listed. Connections are opened per operation (cheap, and safe across
-threads and forked/spawned processes); writes run in one short `BEGIN IMMEDIATE` transaction so concurrent
-writers in several processes serialise on SQLite's lock (with a busy timeout) instead of failing.
+an interrupted write and is never listed. Every write runs in one short transaction that first takes the
+registry's one write lock, so read-then-write logic (next version number, "is a job already running?") cannot
+race with another process: SQLite's `BEGIN IMMEDIATE` (with a busy timeout), PostgreSQL's transaction-level
+advisory lock (with `lock_timeout`). Reads see one consistent snapshot (a SQLite read transaction, a
+PostgreSQL REPEATABLE READ read-only transaction).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from model_store.errors import StoreError, VersionNotFound
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.pool import NullPool
 
-SCHEMA_VERSION = 1
+from model_store.errors import StoreError, VersionNotFound
+from model_store.schema import SCHEMA_VERSION, Tables
+
 DB_NAME = "store.sqlite3"
+REGISTRY_URL_ENV = "EAS_REGISTRY_URL"
+# Key of the PostgreSQL advisory lock every write transaction takes (any constant shared by all processes).
+_WRITE_LOCK_KEY = 0x0EA5_5E57
 
 Kind = Literal["baseline", "converted"]
 KINDS: tuple[str, ...] = ("baseline", "converted")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS models (
-    name       TEXT PRIMARY KEY,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS versions (
-    model          TEXT NOT NULL REFERENCES models(name),
-    version        TEXT NOT NULL,
-    seq            INTEGER NOT NULL CHECK (seq > 0),
-    kind           TEXT NOT NULL CHECK (kind IN ('baseline', 'converted')),
-    parent_model   TEXT,
-    parent_version TEXT,
-    created_at     TEXT NOT NULL,
-    metadata       TEXT NOT NULL DEFAULT '{}',
-    active         INTEGER NOT NULL DEFAULT 0 CHECK (active IN (0, 1)),
-    PRIMARY KEY (model, version),
-    UNIQUE (model, seq),
-    FOREIGN KEY (parent_model, parent_version) REFERENCES versions(model, version),
-    CHECK ((parent_model IS NULL) = (parent_version IS NULL))
-);
--- At most one active version per model, enforced by the database itself.
-CREATE UNIQUE INDEX IF NOT EXISTS versions_one_active ON versions(model) WHERE active = 1;
-CREATE TABLE IF NOT EXISTS jobs (
-    id               TEXT PRIMARY KEY,
-    model            TEXT NOT NULL,
-    source_version   TEXT NOT NULL,
-    params           TEXT NOT NULL,
-    params_hash      TEXT NOT NULL,
-    status           TEXT NOT NULL
-                     CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
-    progress         REAL NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
-    stage            TEXT NOT NULL DEFAULT '',
-    created_at       TEXT NOT NULL,
-    started_at       TEXT,
-    finished_at      TEXT,
-    error            TEXT,
-    result           TEXT,
-    idempotency_key  TEXT UNIQUE,
-    worker_pid       INTEGER,
-    cancel_requested INTEGER NOT NULL DEFAULT 0 CHECK (cancel_requested IN (0, 1)),
-    FOREIGN KEY (model, source_version) REFERENCES versions(model, version)
-);
--- One conversion per model at a time (serving-conventions §6): a second one is a 409.
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_unfinished_per_model
-    ON jobs(model) WHERE status IN ('queued', 'running');
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status, created_at);
-"""
+
+def registry_url_from_env() -> str | None:
+    """`$EAS_REGISTRY_URL`, or None when unset or empty (then the store's own SQLite file is the registry)."""
+    return os.environ.get(REGISTRY_URL_ENV) or None
+
+
+def postgres_url(url: str) -> str:
+    """A PostgreSQL DSN as SQLAlchemy's psycopg 3 URL (`postgresql://` and `postgres://` are accepted too);
+    `StoreError` for anything else, naming the setting, without echoing a password."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError(f"{REGISTRY_URL_ENV} is not a database URL ({exc.__class__.__name__})") from None
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    raise StoreError(f"{REGISTRY_URL_ENV} must be a PostgreSQL URL (postgresql://user:password@host:port/db), "
+                     f"got the scheme {parsed.drivername!r}; leave it unset for the SQLite file in the store")
+
+
+def describe_url(url: str) -> str:
+    """The URL for logs and errors, password hidden."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def format_time(moment: datetime) -> str:
@@ -122,44 +112,88 @@ class VersionInfo:
         return data
 
 
-class Registry:
-    """Owns the database file: schema creation and connection discipline."""
+# Engines are per process (a forked child must not share its parent's sockets) and shared by every
+# ModelStore of that process that names the same database, so opening stores stays cheap.
+_ENGINES: dict[tuple[int, str], Engine] = {}
+_ENGINES_LOCK = threading.Lock()
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
+
+def _engine(key: str, build: Any) -> Engine:
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get((os.getpid(), key))
+        if engine is None:
+            engine = _ENGINES[(os.getpid(), key)] = build()
+        return engine
+
+
+def _sqlite_engine(path: Path, busy_timeout_s: float) -> Engine:
+    # A connection per operation (NullPool), as before: cheap, and safe across threads and processes.
+    engine = create_engine(f"sqlite:///{path}", poolclass=NullPool,
+                           connect_args={"timeout": busy_timeout_s, "isolation_level": None})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # transactions are begun explicitly (read/write below)
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+        # FULL: a registry row that was acknowledged survives a power cut (WAL stays consistent either way).
+        dbapi_connection.execute("PRAGMA synchronous = FULL")
+
+    return engine
+
+
+def _postgres_engine(url: str, busy_timeout_s: float) -> Engine:
+    timeout_ms = int(busy_timeout_s * 1000)
+    return create_engine(
+        postgres_url(url),
+        pool_size=4, max_overflow=8, pool_pre_ping=True, pool_recycle=1800,
+        # lock_timeout bounds the wait for the write lock like SQLite's busy timeout does.
+        connect_args={"connect_timeout": 10, "options": f"-c lock_timeout={timeout_ms}",
+                      "application_name": "eas-serve"},
+    )
+
+
+class Registry:
+    """Owns the database: schema creation and connection discipline, for SQLite or PostgreSQL."""
+
+    def __init__(self, path: Path, *, url: str | None = None, busy_timeout_s: float = 30.0) -> None:
+        """`path`: the SQLite file (used when `url` is None); `url`: a PostgreSQL DSN."""
         self.path = Path(path)
+        self.url = url
         self.busy_timeout_s = busy_timeout_s
+        if url is None:
+            self.dialect = "sqlite"
+            self.engine = _engine(f"sqlite:{self.path.resolve()}", lambda: _sqlite_engine(self.path, busy_timeout_s))
+        else:
+            self.dialect = "postgresql"
+            self.engine = _engine(url, lambda: _postgres_engine(url, busy_timeout_s))
+        self.tables = Tables(self.dialect)
         self._init_schema()
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA foreign_keys = ON")
-        # FULL: a registry row that was acknowledged survives a power cut (WAL stays consistent either way).
-        conn.execute("PRAGMA synchronous = FULL")
-        return conn
+    def describe(self) -> str:
+        """Where the registry lives, for logs (a URL's password hidden)."""
+        return str(self.path) if self.url is None else describe_url(self.url)
 
     def _init_schema(self) -> None:
-        conn = self._connect()
-        try:
-            mode = self._enable_wal(conn)
+        if self.dialect == "sqlite":
+            with self.engine.connect() as conn:
+                mode = self._enable_wal(conn.connection.dbapi_connection)
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.path}: could not switch SQLite to WAL mode (got {mode!r})")
-        finally:
-            conn.close()
-        with self.write() as conn:
-            # Statement by statement: executescript() would COMMIT the IMMEDIATE transaction first.
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path}: schema version {row['value']} is newer than this code ({SCHEMA_VERSION})"
-                )
+        try:
+            with self.write() as conn:
+                # Under the write lock: of several processes creating one fresh registry, one creates it.
+                self.tables.metadata.create_all(conn, checkfirst=True)
+                meta = self.tables.meta
+                row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+                if row is None:
+                    conn.execute(insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+                elif int(row.value) > SCHEMA_VERSION:
+                    raise StoreError(f"{self.describe()}: schema version {row.value} is newer than this code "
+                                     f"({SCHEMA_VERSION})")
+        except OperationalError as exc:
+            raise StoreError(f"cannot open the registry at {self.describe()}: {exc.orig or exc}") from None
 
-    def _enable_wal(self, conn: sqlite3.Connection) -> str:
+    def _enable_wal(self, conn: Any) -> str:
         """Switch to WAL (persistent in the file), retrying while another process holds a lock.
 
         Changing the journal mode does not go through SQLite's busy handler, so several processes
@@ -180,79 +214,108 @@ class Registry:
                 delay = min(delay * 2, 0.2)
 
     @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
+    def read(self) -> Iterator[Connection]:
         """A consistent snapshot for multi-statement reads."""
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN")
-            yield conn
-            conn.execute("COMMIT")
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            conn.close()
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            try:
+                yield conn
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """One short write transaction, holding SQLite's write lock from the start.
+    def write(self) -> Iterator[Connection]:
+        """One short write transaction, holding the registry's write lock from the start.
 
-        `IMMEDIATE` takes the lock before any read, so read-then-write logic (next version number,
-        "is a job already running?") cannot race with another process.
+        SQLite: `BEGIN IMMEDIATE` takes the lock before any read. PostgreSQL: READ COMMITTED plus one advisory
+        lock for all writers, taken first, so every statement after it sees every earlier writer's commit.
         """
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            yield conn
-            conn.execute("COMMIT")
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            conn.close()
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn = conn.execution_options(isolation_level="READ COMMITTED")
+                conn.execute(select(func.pg_advisory_xact_lock(_WRITE_LOCK_KEY)))
+            try:
+                yield conn
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+
+
+
+# --- queries: each takes a connection from Registry.read()/write() and works on either backend ------------
+
+_TABLES: dict[str, Tables] = {}
+
+
+def tables(conn: Connection) -> Tables:
+    """The table objects of the connection's dialect (built once per dialect)."""
+    dialect = conn.dialect.name
+    if dialect not in _TABLES:
+        _TABLES[dialect] = Tables(dialect)
+    return _TABLES[dialect]
+
+
+def upsert(conn: Connection, table: Any, values: Mapping[str, Any], key: list[str], update_columns: list[str]) -> None:
+    """INSERT ... ON CONFLICT (key) DO UPDATE (or DO NOTHING), in the connection's dialect."""
+    statement = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table).values(**values)
+    if update_columns:
+        statement = statement.on_conflict_do_update(index_elements=key,
+                                                    set_={c: statement.excluded[c] for c in update_columns})
+    else:
+        statement = statement.on_conflict_do_nothing(index_elements=key)
+    conn.execute(statement)
 
 
 # --- meta ---------------------------------------------------------------------------------------------
 
 
-def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    return None if row is None else row["value"]
+def get_meta(conn: Connection, key: str) -> str | None:
+    meta = tables(conn).meta
+    return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar_one_or_none()
 
 
-def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
-    conn.execute(
-        "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        (key, value),
-    )
+def set_meta(conn: Connection, key: str, value: str) -> None:
+    upsert(conn, tables(conn).meta, {"key": key, "value": value}, ["key"], ["value"])
 
 
 # --- models and versions ------------------------------------------------------------------------------
 
 
-def model_names(conn: sqlite3.Connection) -> list[str]:
+def model_names(conn: Connection) -> list[str]:
     """Models that have at least one version, oldest first."""
-    rows = conn.execute(
-        "SELECT name FROM models WHERE EXISTS (SELECT 1 FROM versions v WHERE v.model = models.name) "
-        "ORDER BY created_at, rowid"
-    ).fetchall()
-    return [r["name"] for r in rows]
+    t = tables(conn)
+    models, versions = t.models, t.versions
+    has_version = select(versions.c.model).where(versions.c.model == models.c.name).exists()
+    query = select(models.c.name).where(has_version).order_by(models.c.created_at, t.insertion_order(models))
+    return list(conn.execute(query).scalars())
 
 
-def has_models(conn: sqlite3.Connection) -> bool:
-    return conn.execute("SELECT 1 FROM versions LIMIT 1").fetchone() is not None
+def has_models(conn: Connection) -> bool:
+    versions = tables(conn).versions
+    return conn.execute(select(versions.c.model).limit(1)).first() is not None
 
 
-def max_seq(conn: sqlite3.Connection, model: str) -> int:
-    row = conn.execute("SELECT MAX(seq) AS m FROM versions WHERE model = ?", (model,)).fetchone()
-    return int(row["m"] or 0)
+def max_seq(conn: Connection, model: str) -> int:
+    versions = tables(conn).versions
+    return int(conn.execute(select(func.max(versions.c.seq)).where(versions.c.model == model)).scalar() or 0)
 
 
-def version_exists(conn: sqlite3.Connection, model: str, version: str) -> bool:
-    row = conn.execute("SELECT 1 FROM versions WHERE model = ? AND version = ?", (model, version)).fetchone()
-    return row is not None
+def version_exists(conn: Connection, model: str, version: str) -> bool:
+    versions = tables(conn).versions
+    query = select(versions.c.seq).where(versions.c.model == model, versions.c.version == version)
+    return conn.execute(query).first() is not None
 
 
 def insert_version(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     model: str,
     version: str,
@@ -263,22 +326,33 @@ def insert_version(
     active: bool,
 ) -> None:
     now = utc_now()
-    conn.execute("INSERT INTO models(name, created_at) VALUES (?, ?) ON CONFLICT(name) DO NOTHING", (model, now))
+    t = tables(conn)
+    upsert(conn, t.models, {"name": model, "created_at": now}, ["name"], [])
     if active:
-        conn.execute("UPDATE versions SET active = 0 WHERE model = ? AND active = 1", (model,))
-    conn.execute(
-        "INSERT INTO versions(model, version, seq, kind, parent_model, parent_version, created_at, metadata,"
-        " active) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (model, version, seq, kind, *(parent or (None, None)), now, metadata_json, int(active)),
-    )
+        conn.execute(update(t.versions).where(t.versions.c.model == model, t.versions.c.active == 1)
+                     .values(active=0))
+    parent_model, parent_version = parent or (None, None)
+    conn.execute(insert(t.versions).values(
+        model=model, version=version, seq=seq, kind=kind, parent_model=parent_model,
+        parent_version=parent_version, created_at=now, metadata=metadata_json, active=int(active)))
 
 
-def set_active(conn: sqlite3.Connection, model: str, version: str) -> None:
-    conn.execute("UPDATE versions SET active = 0 WHERE model = ? AND active = 1 AND version != ?", (model, version))
-    conn.execute("UPDATE versions SET active = 1 WHERE model = ? AND version = ?", (model, version))
+def set_active(conn: Connection, model: str, version: str) -> None:
+    versions = tables(conn).versions
+    conn.execute(update(versions).where(versions.c.model == model, versions.c.active == 1,
+                                        versions.c.version != version).values(active=0))
+    conn.execute(update(versions).where(versions.c.model == model, versions.c.version == version).values(active=1))
 
 
-def _row_to_info(row: sqlite3.Row, models_root: Path) -> VersionInfo:
+def active_versions(conn: Connection) -> dict[str, str]:
+    """model -> its active version, for every model: one cheap query (what serving replicas poll)."""
+    versions = tables(conn).versions
+    rows = conn.execute(select(versions.c.model, versions.c.version).where(versions.c.active == 1))
+    return {row.model: row.version for row in rows}
+
+
+def _row_to_info(row: Any, models_root: Path) -> VersionInfo:
+    row = row._mapping
     parent = (row["parent_model"], row["parent_version"]) if row["parent_model"] is not None else None
     return VersionInfo(
         name=row["model"],
@@ -292,25 +366,32 @@ def _row_to_info(row: sqlite3.Row, models_root: Path) -> VersionInfo:
     )
 
 
-def fetch_versions(conn: sqlite3.Connection, model: str, models_root: Path) -> list[VersionInfo]:
-    rows = conn.execute("SELECT * FROM versions WHERE model = ? ORDER BY seq", (model,)).fetchall()
+def _version_columns(conn: Connection) -> Any:
+    versions = tables(conn).versions
+    return select(*(c for c in versions.c if c.name != "ord"))
+
+
+def fetch_versions(conn: Connection, model: str, models_root: Path) -> list[VersionInfo]:
+    versions = tables(conn).versions
+    rows = conn.execute(_version_columns(conn).where(versions.c.model == model).order_by(versions.c.seq))
     return [_row_to_info(r, models_root) for r in rows]
 
 
-def fetch_version(conn: sqlite3.Connection, model: str, version: str | None, models_root: Path) -> VersionInfo:
+def fetch_version(conn: Connection, model: str, version: str | None, models_root: Path) -> VersionInfo:
     """The named version, or the active one when `version` is None; `NotFound` with the choices otherwise."""
-    if version is None:
-        row = conn.execute("SELECT * FROM versions WHERE model = ? AND active = 1", (model,)).fetchone()
-    else:
-        row = conn.execute("SELECT * FROM versions WHERE model = ? AND version = ?", (model, version)).fetchone()
+    versions = tables(conn).versions
+    which = versions.c.active == 1 if version is None else versions.c.version == version
+    row = conn.execute(_version_columns(conn).where(versions.c.model == model, which)).first()
     if row is not None:
         return _row_to_info(row, models_root)
     raise missing_version(conn, model, version)
 
 
-def missing_version(conn: sqlite3.Connection, model: str, version: str | None) -> VersionNotFound:
+def missing_version(conn: Connection, model: str, version: str | None) -> VersionNotFound:
     """The `VersionNotFound` for a model or version that is not registered, listing what exists instead."""
-    known = [r["version"] for r in conn.execute("SELECT version FROM versions WHERE model = ? ORDER BY seq", (model,))]
+    versions = tables(conn).versions
+    known = list(conn.execute(select(versions.c.version).where(versions.c.model == model)
+                              .order_by(versions.c.seq)).scalars())
     if not known:
         models = ", ".join(model_names(conn)) or "none"
         return VersionNotFound(f"unknown model {model!r} (known models: {models})")

@@ -2,20 +2,27 @@
 
 Layout under `root/`:
 
-    store.sqlite3            registry (WAL): models, versions, active flags, default model, jobs
+    store.sqlite3            registry (WAL): models, versions, active flags, default model, jobs; absent when
+                             the registry is PostgreSQL (`registry_url` / $EAS_REGISTRY_URL, model_store/registry.py)
     models/<name>/<vN>/      one immutable version: model files + eas_manifest.json (read-only files)
     .staging/                scratch space for versions being written (same filesystem → atomic rename)
 
 The registry row is the commit point of a new version: its directory is written and sealed in staging,
 renamed into place and registered in one transaction, so a reader either sees a complete, checksummed
 version or nothing. Crash leftovers (staging directories, renamed-but-unregistered versions) are removed
-when a store is opened. Every public method is safe to call from several threads and processes.
+when a store is opened. Every public method is safe to call from several threads and processes (and, with
+PostgreSQL, nodes sharing the directory).
+
+A store whose directory the process cannot write (a read-only volume: serving pods in a cluster) opens
+read-only: no crash recovery (a writer's job), no seeding; reading, verifying and activating (a registry
+write, no file) work as usual, and adding a version is refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +32,7 @@ from eas.manifest import MANIFEST_NAME, ModelFilesError, verify_manifest
 from model_store import registry, versions
 from model_store.errors import InvalidName, NotFound, StoreError, VersionWriteError
 from model_store.jobs import Jobs
-from model_store.registry import DB_NAME, KINDS, Kind, Registry, VersionInfo
+from model_store.registry import DB_NAME, KINDS, Kind, Registry, VersionInfo, registry_url_from_env
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +42,52 @@ _DEFAULT_MODEL_KEY = "default_model"
 class ModelStore:
     """Models, versions and jobs over one directory. See the module docstring for the layout."""
 
-    def __init__(self, root: str | Path, *, busy_timeout_s: float = 30.0) -> None:
-        """Open (creating if needed) the store at `root` and clean up after any crashed writer."""
+    def __init__(self, root: str | Path, *, busy_timeout_s: float = 30.0, registry_url: str | None = None,
+                 read_only: bool | None = None) -> None:
+        """Open (creating if needed) the store at `root` and clean up after any crashed writer.
+
+        `registry_url`: a PostgreSQL DSN for the registry; None → `$EAS_REGISTRY_URL`, and when that is unset
+        too, the SQLite file `root/store.sqlite3`. `read_only`: None → read-only exactly when `root` exists and
+        this process cannot write it.
+        """
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.registry_url = registry_url or registry_url_from_env()
+        if read_only is None:
+            read_only = self.root.is_dir() and not os.access(self.root, os.W_OK)
+        self.read_only = read_only
+        if self.read_only and self.registry_url is None:
+            raise StoreError(f"model store {self.root} is read-only, and its SQLite registry needs write access: "
+                             f"mount it read-write, or use a PostgreSQL registry (EAS_REGISTRY_URL)")
+        if not self.read_only:
+            self.root.mkdir(parents=True, exist_ok=True)
         self.models_root = self.root / "models"
-        self.models_root.mkdir(exist_ok=True)
+        if not self.read_only:
+            self.models_root.mkdir(exist_ok=True)
         self._staging = versions.Staging(self.root / ".staging")
-        self._registry = Registry(self.root / DB_NAME, busy_timeout_s=busy_timeout_s)
+        self._registry = Registry(self.root / DB_NAME, url=self.registry_url, busy_timeout_s=busy_timeout_s)
         # Conversion jobs: rows in the same registry database (model_store/jobs.py).
         self.jobs = Jobs(self._registry)
-        self.recover()
+        if not self.read_only:
+            self.recover()
 
     def __repr__(self) -> str:
-        return f"ModelStore({str(self.root)!r})"
+        where = "" if self.registry_url is None else f", registry={self._registry.describe()!r}"
+        return f"ModelStore({str(self.root)!r}{where})"
+
+    @staticmethod
+    def exists(root: str | Path, *, registry_url: str | None = None) -> bool:
+        """Whether `root` holds a model store: its SQLite registry file, or with a PostgreSQL registry its
+        `models/` directory (the registry itself lives elsewhere)."""
+        root = Path(root)
+        if (registry_url or registry_url_from_env()) is not None:
+            return (root / "models").is_dir()
+        return (root / DB_NAME).is_file()
+
+    def active_versions(self) -> dict[str, str]:
+        """model → active version, for every model, in one query: what a serving replica polls to follow
+        activations made by other processes (service/runner/follower.py)."""
+        with self._registry.read() as conn:
+            return registry.active_versions(conn)
 
     # --- crash recovery -------------------------------------------------------------------------------
 
@@ -59,6 +98,8 @@ class ModelStore:
         place and registers it under that same lock, so an unregistered directory seen here is never a
         write in progress. Returns what was removed, for logging and tests.
         """
+        if self.read_only:
+            raise StoreError(f"model store {self.root} is read-only: crash recovery is a writer's job")
         stale = self._staging.clean_stale()
         evicted: list[Path] = []
         orphans: list[str] = []
@@ -159,6 +200,9 @@ class ModelStore:
         activate: bool,
         only_if_empty: bool,
     ) -> VersionInfo | None:
+        if self.read_only:
+            raise StoreError(f"model store {self.root} is read-only (this process cannot write it): versions are "
+                             "added by a writer with the volume mounted read-write (a conversion Job)")
         if not versions.is_valid_name(name):
             raise InvalidName(
                 f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (max 128, not starting "

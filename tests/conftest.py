@@ -12,6 +12,7 @@ import pytest
 from eas.zoo.llava import build_llava
 from model_store import ModelStore
 from tests.conversion.conftest import write_shapes_dataset
+from tests.model_store.postgres import postgres_server  # noqa: F401  (one throwaway PostgreSQL per session)
 
 
 @pytest.fixture(scope="session")

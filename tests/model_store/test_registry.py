@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
-from model_store import ModelStore, NotFound, VersionInfo
+from model_store import ModelStore, NotFound, StoreError, VersionInfo
+from model_store.registry import postgres_url
 from tests.model_store.helpers import dummy_writer
 
 
@@ -40,14 +43,39 @@ def test_activation_is_exclusive_and_per_model(store: ModelStore) -> None:
 
 
 def test_database_itself_refuses_a_second_active_version(store: ModelStore) -> None:
+    """The partial unique index, not only the code, holds the rule (on either backend): a raw UPDATE that
+    would make a second version active is refused by the database."""
     _three_versions(store)
-    conn = sqlite3.connect(store.root / "store.sqlite3")
-    try:
-        with pytest.raises(sqlite3.IntegrityError):
-            conn.execute("UPDATE versions SET active = 1 WHERE model = 'm' AND version = 'v2'")
-    finally:
-        conn.close()
+    with pytest.raises(IntegrityError), store._registry.engine.begin() as conn:
+        conn.execute(text("UPDATE versions SET active = 1 WHERE model = 'm' AND version = 'v2'"))
     assert _active_versions(store, "m") == ["v1"]
+
+
+def test_registry_url_is_validated_without_echoing_the_password(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="must be a PostgreSQL URL") as caught:
+        ModelStore(tmp_path / "s", registry_url="mysql://user:hunter2@db/eas")
+    assert "hunter2" not in str(caught.value)
+    assert postgres_url("postgresql://u:p@h:5432/d") == "postgresql+psycopg://u:p@h:5432/d"
+
+
+def test_a_read_only_store_reads_and_activates_but_never_writes(tmp_path: Path, registry_backend: str) -> None:
+    """Serving pods mount the artefacts read-only: with PostgreSQL they still read, verify and follow (and an
+    activation is a registry row, no file); adding a version is refused up front. SQLite cannot work there."""
+    root = tmp_path / "store"
+    writer = ModelStore(root)
+    writer.add_version("m", dummy_writer(b"1"), kind="baseline")
+    writer.add_version("m", dummy_writer(b"2"), kind="baseline")
+    if registry_backend == "sqlite":
+        with pytest.raises(StoreError, match="read-only"):
+            ModelStore(root, read_only=True)
+        return
+    reader = ModelStore(root, read_only=True)
+    assert reader.verify("m", "v2").version == "v2"
+    reader.activate("m", "v2")
+    assert writer.active("m").version == "v2" and reader.active_versions() == {"m": "v2"}
+    with pytest.raises(StoreError, match="read-only"):
+        reader.add_version("m", dummy_writer(b"3"), kind="baseline")
+    assert [v.version for v in writer.list_versions("m")] == ["v1", "v2"]
 
 
 def test_concurrent_activations_leave_exactly_one_active(store: ModelStore) -> None:
