@@ -424,6 +424,14 @@ def remove_reduction(model: nn.Module) -> None:
             stored.pop(CONFIG_FIELD, None)
 
 
+def reduction_from_config(config: Any) -> TokenReduction | None:
+    """The token reduction a model config records (`text_config.eas.token_reduction`), if any: a loader that
+    rebuilds a conversion from its config reads it *before* apply_plan rewrites `text_config.eas`, then
+    calls `install_reduction` on the rebuilt model."""
+    raw = (getattr(config.get_text_config(decoder=True), "eas", None) or {}).get(CONFIG_FIELD)
+    return None if raw is None else TokenReduction.model_validate(raw)
+
+
 def stored_reduction(path: str | Path) -> TokenReduction | None:
     """The token reduction a saved model directory records (`text_config.eas.token_reduction`), if any."""
     config = json.loads((Path(path) / "config.json").read_text())
@@ -435,6 +443,9 @@ def stored_reduction(path: str | Path) -> TokenReduction | None:
 def apply_stored_reduction(model: PreTrainedModel, path: str | Path) -> TokenReduction | None:
     """Re-install the reduction recorded in `path` on a model just loaded from it (load_model does this)."""
     reduction = stored_reduction(path)
+    installed = token_reducer(model)
+    if installed is not None and installed.reduction == reduction:
+        return reduction  # the loader that rebuilt the conversion installed it already
     if reduction is not None:
         install_reduction(model, reduction)
     return reduction
