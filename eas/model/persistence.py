@@ -1,155 +1,142 @@
-"""Save and load EAS-converted models in standard HF format (transformers-notes.md §6).
+"""Save and load EAS-converted models (transformers-notes.md §6; the format: eas/model/artefact.py).
 
-A converted model is saved with `save_pretrained`: the skipped layers' attention tensors are simply
-absent, adapter (or folded) tensors are extra, and the plan lives in `text_config.eas`.
+`save_converted` writes format 2: stock tensors and EAS tensors under the `eas` weights variant, a
+config.json whose model type is `eas` (the stock one kept under `eas_base`) with an `auto_map` naming
+the bundled `modeling_eas.py`, the processor and the checksum manifest. Plain transformers loads such a
+directory exactly with `trust_remote_code=True` and refuses it without.
 
-Loading goes through the stock class, which silently re-initialises any tensor it does not find. So
-the loader computes exactly which keys must be missing (the removed attention) and which must be
-unexpected (the EAS tensors) from the plan, refuses the directory if the checkpoint differs in any
-way, re-applies the conversion and loads the EAS tensors strictly.
+`load_converted` reads format 2 and the first format (a stock config.json with `text_config.eas`,
+`model.safetensors`) without running any code from the directory: the stock class loads the stock
+tensors, which silently re-initialises any tensor it does not find, so `eas.model.artefact.rebuild`
+checks that the missing and unexpected keys are exactly the ones the plan implies, re-applies the
+conversion and loads the EAS tensors strictly.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
-import transformers
-from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedModel, ProcessorMixin
 
 from eas.manifest import ModelFilesError, write_manifest
-from eas.model.arch import locate_decoder
-from eas.model.convert import apply_plan, stored_conversion
+from eas.model.artefact import (
+    CONFIG_FILE,
+    REMOTE_FILE,
+    WEIGHTS_VARIANT,
+    ArtefactError,
+    _eas_save_pretrained,
+    from_disk_config,
+    is_eas_config,
+    quiet_transformers,
+    rebuild,
+    stock_class,
+    stock_config,
+    weight_files,
+)
+from eas.model.convert import stored_conversion
 from eas.model.plan import SkipPlan
+
+__all__ = ["is_converted", "load_converted", "load_stock", "quiet_transformers", "save_converted", "upgrade_format"]
 
 
 def save_converted(model: PreTrainedModel, directory: str | Path, processor: ProcessorMixin | None = None) -> Path:
-    """Write weights, config (with the plan), processor and the checksum manifest."""
+    """Write weights, config (format 2), the bundled runtime, processor and the checksum manifest."""
+    if stored_conversion(model.config) is None:
+        raise ValueError("save_converted needs a converted model (no text_config.eas in its config)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    _eas_save_pretrained(model, directory)
     if processor is not None:
         processor.save_pretrained(directory)
     write_manifest(directory)
     return directory
 
 
-def _read_config(path: Path):
-    if not (path / "config.json").is_file():
+def _read_config(path: Path) -> tuple[Any, str | None]:
+    """(stock config object, weights variant) of a model directory, plain, format 1 or format 2."""
+    file = path / CONFIG_FILE
+    if not file.is_file():
         raise ModelFilesError(f"{path}: config.json is missing")
     try:
-        return AutoConfig.from_pretrained(path)
+        raw = json.loads(file.read_text())
+        if isinstance(raw, dict) and is_eas_config(raw):
+            with quiet_transformers():
+                return stock_config(from_disk_config(raw)), WEIGHTS_VARIANT
+        return AutoConfig.from_pretrained(path), None
     except (ValueError, OSError, json.JSONDecodeError) as exc:
         raise ModelFilesError(f"{path}: config.json is unreadable ({exc})") from exc
 
 
 def is_converted(path: str | Path) -> bool:
-    return stored_conversion(_read_config(Path(path))) is not None
+    return stored_conversion(_read_config(Path(path))[0]) is not None
 
 
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers' own warnings off for a block: the stock loader prints a load report of the keys we
-    expect to differ, and the checkpoint check reports what it finds itself."""
-    previous = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(previous)
-
-
-def _tensor_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    return [path / "model.safetensors"]
-
-
-def load_stock(path: Path, config=None) -> tuple[PreTrainedModel, dict]:
+def load_stock(path: Path, config: Any = None, variant: str | None = None) -> tuple[PreTrainedModel, dict]:
     """The stock class's from_pretrained (fp32), with file problems turned into ModelFilesError."""
-    config = config or _read_config(path)
-    arch = (config.architectures or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise ModelFilesError(f"{path}: config names no known architecture ({arch})")
-    for file in _tensor_files(path):
+    if config is None:
+        config, variant = _read_config(path)
+    try:
+        cls = stock_class(config)
+    except ArtefactError as exc:
+        raise ModelFilesError(f"{path}: {exc}") from exc
+    for file in weight_files(path, variant):
         if not file.is_file():
             raise ModelFilesError(f"{path}: tensor file {file.name} is missing")
     try:
         with quiet_transformers():
-            model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+            model, info = cls.from_pretrained(path, config=config, dtype=torch.float32, output_loading_info=True,
+                                              variant=variant)
     except Exception as exc:  # safetensors/OS errors on a damaged file: name it, never crash the caller
         raise ModelFilesError(f"{path}: model weights could not be read ({type(exc).__name__}: {exc})") from exc
     return model, info
 
 
 def load_converted(path: str | Path) -> tuple[PreTrainedModel, SkipPlan]:
-    """Load a directory written by `save_converted`; returns the model (eval mode) and its plan."""
+    """Load a directory written by `save_converted` (either format); returns the model (eval mode) and its plan."""
     path = Path(path)
-    config = _read_config(path)
+    config, variant = _read_config(path)
     stored = stored_conversion(config)
     if stored is None:
         raise ModelFilesError(f"{path}: not an EAS-converted model (no text_config.eas)")
-    plan, adapters, merged = stored
-    model, info = load_stock(path, config)
-    if getattr(model.config.get_text_config(decoder=True), "eas", None) is not None:
-        delattr(model.config.get_text_config(decoder=True), "eas")  # apply_plan records it again
-    stock_keys = set(model.state_dict())
-    # The plan's fingerprint names the *source* model; this skeleton holds the converted weights.
-    apply_plan(model, plan, adapters, merged=merged, check_fingerprint=False)
-    converted_keys = set(model.state_dict())
-    expected_missing, expected_unexpected = stock_keys - converted_keys, converted_keys - stock_keys
-    missing, unexpected = set(info["missing_keys"]), set(info["unexpected_keys"])
-    if missing != expected_missing or unexpected != expected_unexpected or info.get("mismatched_keys"):
-        problems = []
-        if lost := sorted(missing - expected_missing):
-            problems.append(f"tensors missing from the checkpoint: {lost[:5]}")
-        if extra := sorted(unexpected - expected_unexpected):
-            problems.append(f"unknown tensors in the checkpoint: {extra[:5]}")
-        if absent := sorted(expected_unexpected - unexpected):
-            problems.append(f"EAS tensors missing from the checkpoint: {absent[:5]}")
-        if stale := sorted(expected_missing - missing):
-            problems.append(f"tensors that the plan removes are present: {stale[:5]}")
-        if info.get("mismatched_keys"):
-            problems.append(f"tensors with the wrong shape: {list(info['mismatched_keys'])[:5]}")
-        raise ModelFilesError(f"{path}: checkpoint does not match its EAS plan; " + "; ".join(problems))
-    _load_eas_tensors(model, path, sorted(expected_unexpected))
-    return model.eval(), plan
+    model, info = load_stock(path, config, variant)
+    try:
+        model = rebuild(model, info, weight_files(path, variant), str(path))
+    except ArtefactError as exc:
+        raise ModelFilesError(str(exc)) from exc
+    return model, stored[0]
 
 
-def _load_eas_tensors(model: PreTrainedModel, path: Path, keys: list[str]) -> None:
-    """Copy the EAS tensors (named in memory) from the checkpoint (named in the on-disk layout)."""
-    state = model.state_dict()
-    mem_prefix = locate_decoder(model).path + ".layers."
-    on_disk: dict[str, Path] = {}
-    for file in _tensor_files(path):
-        with safe_open(file, "pt") as fh:
-            on_disk.update(dict.fromkeys(fh.keys(), file))
-    # The decoder's layers may sit under another prefix on disk (LLaVA's legacy layout): find it from
-    # one layer key that both layouts share.
-    layers = locate_decoder(model).layers
-    probe = next(f"{i}.mlp.down_proj.weight" for i in range(len(layers)))
-    matches = [k for k in on_disk if k.endswith(".layers." + probe) or k == "layers." + probe]
-    if len(matches) != 1:
-        raise ModelFilesError(f"{path}: cannot locate the decoder layers in the checkpoint")
-    disk_prefix = matches[0][: -len(probe)]
-    with torch.no_grad():
-        for key in keys:
-            if not key.startswith(mem_prefix):
-                raise ModelFilesError(f"{path}: unexpected EAS tensor outside the decoder layers: {key}")
-            disk_key = disk_prefix + key[len(mem_prefix):]
-            if disk_key not in on_disk:
-                raise ModelFilesError(f"{path}: tensor {disk_key} is missing")
-            with safe_open(on_disk[disk_key], "pt") as fh:
-                tensor = fh.get_tensor(disk_key)
-            target = state[key]
-            if tensor.shape != target.shape:
-                raise ModelFilesError(f"{path}: tensor {disk_key} has shape {tuple(tensor.shape)}, "
-                                      f"expected {tuple(target.shape)}")
-            target.copy_(tensor.to(target.dtype))
+def upgrade_format(directory: str | Path) -> bool:
+    """Rewrite a first-format converted directory as format 2 in place: config.json, the weights (same
+    tensors, now under the `eas` variant) and modeling_eas.py; every other file is kept byte for byte;
+    the manifest is rewritten. Refuses (ModelFilesError) unless the rewritten directory loads to the same
+    tensors. Returns False when the directory is already format 2."""
+    directory = Path(directory)
+    _, variant = _read_config(directory)
+    if variant == WEIGHTS_VARIANT:
+        return False
+    model, _ = load_converted(directory)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    old_weights = [*weight_files(directory, None), directory / "model.safetensors.index.json"]
+    with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+        staged = Path(tmp)
+        _eas_save_pretrained(model, staged)
+        new_files = [CONFIG_FILE, REMOTE_FILE, *(f.name for f in weight_files(staged, WEIGHTS_VARIANT))]
+        index = f"model.safetensors.index.{WEIGHTS_VARIANT}.json"
+        if (staged / index).is_file():
+            new_files.append(index)
+        for name in new_files:
+            shutil.copyfile(staged / name, directory / name)  # fresh file modes, like the rest of the directory
+    for file in old_weights:
+        file.unlink(missing_ok=True)
+    write_manifest(directory)
+    after, _ = load_converted(directory)
+    state = after.state_dict()
+    if set(state) != set(before) or any(not torch.equal(state[k], v) for k, v in before.items()):
+        raise ModelFilesError(f"{directory}: the upgraded directory does not load to the same tensors")
+    return True

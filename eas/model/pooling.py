@@ -118,9 +118,13 @@ def install_hook(model: nn.Module, state: PoolingState) -> torch.utils.hooks.Rem
         state.reset(mask)
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    from eas.model.stock_generate import install_generate  # lazy: it imports this module
+    # Lazy: both import this module. An exact `generate`, and a `save_pretrained` that writes the
+    # directory format plain transformers cannot misread (eas.model.artefact).
+    from eas.model.artefact import install_save
+    from eas.model.stock_generate import install_generate
 
     install_generate(model, state)
+    install_save(model)
     return handle
 
 

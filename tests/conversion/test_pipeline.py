@@ -52,7 +52,7 @@ def test_end_to_end_writes_a_loadable_converted_version(tiny_store: ModelStore, 
 
     # HF weights without the skipped attention tensors; loads through the serving loader and answers
     from safetensors import safe_open
-    with safe_open(info.path / "model.safetensors", "pt") as fh:
+    with safe_open(info.path / "model.eas.safetensors", "pt") as fh:
         keys = list(fh.keys())
     for i in plan.skipped:
         assert not any(f"layers.{i}.self_attn." in k for k in keys)

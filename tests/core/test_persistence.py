@@ -28,7 +28,7 @@ def test_saved_model_reloads_to_identical_logits(tmp_path: Path, merged: bool) -
         fold_model(model)
     batch = llava_batch(processor)
     save_converted(model, tmp_path, processor)
-    keys = load_file(tmp_path / "model.safetensors").keys()
+    keys = load_file(tmp_path / "model.eas.safetensors").keys()
     assert not [k for k in keys if ("layers.0.self_attn" in k or "layers.2.self_attn" in k) and "vision" not in k]
     assert [k for k in keys if "layers.1.self_attn.q_proj" in k and "vision" not in k]
     loaded, plan = load_converted(tmp_path)
@@ -47,8 +47,8 @@ def _pairs():
 def test_missing_tensor_file_is_refused(tmp_path: Path) -> None:
     model, processor = converted_llava()
     save_converted(model, tmp_path, processor)
-    (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(ModelFilesError, match=r"model\.safetensors is missing"):
+    (tmp_path / "model.eas.safetensors").unlink()
+    with pytest.raises(ModelFilesError, match=r"model\.eas\.safetensors is missing"):
         load_model(tmp_path)
     with pytest.raises(ModelFilesError, match="missing"):
         load_converted(tmp_path)
@@ -57,7 +57,7 @@ def test_missing_tensor_file_is_refused(tmp_path: Path) -> None:
 def test_corrupted_tensor_file_is_refused(tmp_path: Path) -> None:
     model, processor = converted_llava()
     save_converted(model, tmp_path, processor)
-    path = tmp_path / "model.safetensors"
+    path = tmp_path / "model.eas.safetensors"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -74,10 +74,10 @@ def test_checkpoint_missing_an_adapter_tensor_is_refused(tmp_path: Path) -> None
     """A silently re-initialised tensor would be a bug: a dropped EAS tensor must be named."""
     model, processor = converted_llava((0, 2))
     save_converted(model, tmp_path, processor)
-    tensors = load_file(tmp_path / "model.safetensors")
+    tensors = load_file(tmp_path / "model.eas.safetensors")
     dropped = next(k for k in tensors if ".pia.C.weight" in k)
     del tensors[dropped]
-    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, tmp_path / "model.eas.safetensors", metadata={"format": "pt"})
     write_manifest(tmp_path)
     with pytest.raises(ModelFilesError, match=r"EAS tensors missing.*pia\.C\.weight"):
         load_converted(tmp_path)
@@ -86,10 +86,10 @@ def test_checkpoint_missing_an_adapter_tensor_is_refused(tmp_path: Path) -> None
 def test_checkpoint_with_attention_of_a_skipped_layer_is_refused(tmp_path: Path) -> None:
     model, processor = converted_llava((0, 2))
     save_converted(model, tmp_path, processor)
-    tensors = load_file(tmp_path / "model.safetensors")
+    tensors = load_file(tmp_path / "model.eas.safetensors")
     layer1 = next(k for k in tensors if "layers.1.self_attn.q_proj.weight" in k and "vision" not in k)
     tensors[layer1.replace("layers.1.", "layers.0.")] = tensors[layer1].clone()
-    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, tmp_path / "model.eas.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelFilesError, match=r"unknown tensors|plan removes"):
         load_converted(tmp_path)
 
