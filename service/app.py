@@ -24,7 +24,7 @@ from service.errors import install_error_handlers
 from service.lifecycle import Loader, Resolver, Service, default_loader, run_in_daemon_thread
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
-from service.openapi import ERROR_RESPONSES
+from service.openapi import ERROR_RESPONSES, add_doc_routes
 from service.routes import answer, chat, health, metrics, models
 from service.runner.resolve import resolve_variants
 from service.settings import Settings
@@ -81,8 +81,14 @@ def create_app(
 ) -> FastAPI:
     """Build the app. `loader`/`resolver` are seams for tests and later hot activation."""
     settings = settings or Settings()
+    # The API documents are served by our own routes (service/openapi.py add_doc_routes), behind the API
+    # token when one is set (issue 17): they describe the admin routes too.
     app = FastAPI(title="eas-serve", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
-                  summary="Vision-language QA with EAS attention skipping, served beside its baseline.")
+                  summary="Vision-language QA with EAS attention skipping, served beside its baseline.",
+                  openapi_url=None, docs_url=None, redoc_url=None)
+    # No trailing-slash redirects: Starlette builds their Location from the Host header, before any
+    # authentication (issue 17). `/v1/answer/` is a 404 like any other unknown path.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.metrics = app_metrics = Metrics()
     app.state.service = Service(settings, app_metrics, loader=loader, resolver=resolver)
@@ -96,4 +102,5 @@ def create_app(
     app.state.admin = None
     for module in (answer, chat, models, health, metrics, admin):
         app.include_router(module.router)
+    add_doc_routes(app)
     return app

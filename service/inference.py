@@ -1,6 +1,6 @@
-"""The path every inference request takes once its fields are valid: admission → image decode →
-batcher queue → (worker thread: runner → model) → result, with the deadline and the client's connection
-watched the whole time.
+"""The path every inference request takes once its fields are valid: admission → preprocessing pool (image
+decode, processor, prompt-token limit: service/preprocess.py) → batcher queue → (worker thread: runner →
+model) → result, with the deadline and the client's connection watched the whole time.
 
 Both the native `/v1/answer` and the OpenAI-compatible route call `infer`; they differ only in how they
 parse requests and shape responses.
@@ -12,7 +12,6 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import anyio
 from fastapi import Request
 
 from service.batching.batcher import Batcher
@@ -20,11 +19,7 @@ from service.batching.work import GREEDY, Completed, Generation, Sampling, Token
 from service.errors import ClientDisconnected, DeadlineExceeded
 from service.metrics import Metrics
 from service.runner.registry import ServedVariant
-from service.validation.images import ImageLimits, load_image, open_image
-from service.validation.payloads import OFFLOAD_BYTES
-
-# Below this many pixels decoding takes well under a millisecond: cheaper inline than a thread hop.
-INLINE_DECODE_PIXELS = 512 * 512
+from service.validation.images import ImageLimits
 
 
 @dataclass(frozen=True)
@@ -76,21 +71,19 @@ async def infer(
     admission = served.batcher.admit()  # 429 here, before any image decoding
     try:
         metrics.image_bytes.labels(**labels).observe(len(image_bytes))
-        t0 = time.perf_counter()
-        image = open_image(image_bytes, limits)  # header only: 413/415/400 without decompressing
-        # Decompression cost follows pixels, not bytes (a flat 4k PNG is tiny): offload big images.
-        width, height = image.size
-        if width * height > INLINE_DECODE_PIXELS or len(image_bytes) > OFFLOAD_BYTES:
-            image = await anyio.to_thread.run_sync(load_image, image)
-        else:
-            image = load_image(image)
-        decode_s = time.perf_counter() - t0
+        # Decode, checks and the processor run in the bounded preprocessing pool (service/preprocess.py):
+        # nothing request-sized on the event loop, only the model on the batch worker.
+        service = request.app.state.service
+        prepared = await service.preprocessor.prepare(
+            served.runner.model, image_bytes, question, limits=limits,
+            max_prompt_tokens=service.settings.max_prompt_tokens, deadline=deadline)
+        decode_s = prepared.decode_s + prepared.processor_s
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed while its image was decoded")
         loop = asyncio.get_running_loop()
-        item = WorkItem(image=image, question=question, max_new_tokens=max_new_tokens, deadline=deadline,
+        item = WorkItem(image=prepared.image, question=question, max_new_tokens=max_new_tokens, deadline=deadline,
                         loop=loop, future=loop.create_future(), request_id=request.state.request_id,
-                        sampling=sampling, sink=sink)
+                        sampling=sampling, sink=sink, features=prepared.features, tokens=prepared.tokens)
         admission.enqueue(item)
     finally:
         admission.release()  # no-op once enqueued

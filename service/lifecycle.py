@@ -30,7 +30,7 @@ from service.runner.resolve import resolve_variants
 from service.runner.runner import ModelRunner, VariantInfo
 from service.runner.threads import ThreadBudget
 from service.settings import Settings
-from service.validation.images import ImageLimits
+from service.validation.images import ImageLimits, public_detail
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +228,25 @@ class Service:
         if self.phase is Phase.LOADING:
             raise ServiceUnavailable("the model is still loading", code="not_ready", headers=headers)
         if self.phase is Phase.FAILED:
-            raise ServiceUnavailable(f"the model failed to load: {self.error}", code="load_failed")
+            # Unauthenticated probes read this: the reason without paths or reprs (the log has all of it).
+            detail = public_detail(RuntimeError(self.error)) if self.error else "unknown error"
+            raise ServiceUnavailable(f"the model failed to load: {detail}; activate a working version through "
+                                     "the admin API", code="load_failed")
         raise ServiceUnavailable("the server is shutting down", code="draining", headers=headers)
+
+    def check_can_activate(self) -> None:
+        """503 while loading or shutting down. After a failed load, activating another version is the way
+        out (issue 17, M2), so it is allowed then."""
+        if self.phase is not Phase.FAILED:
+            self.check_accepting()
+
+    def recovered(self) -> None:
+        """An activation succeeded: a service whose own load had failed is ready now."""
+        if self.phase is Phase.FAILED and self.registry.default_variant is not None:
+            self.phase, self.error = Phase.READY, None
+            self.metrics.model_ready.set(1)
+            log.info("recovered: serving %s after a failed load", ", ".join(
+                f"{s.variant}={s.info.model}:{s.info.version}" for s in self.registry.all()))
 
     # --- shutdown ----------------------------------------------------------------------------------
 

@@ -5,12 +5,17 @@
 - Request-body schemas given through `openapi_extra` are not rewritten by FastAPI, so a pydantic schema
   with `$defs` would leave `#/$defs/...` references dangling at the document root: `standalone_schema`
   inlines them.
+- `/openapi.json`, `/docs` and `/redoc` need the API token when one is set (issue 17): the document
+  describes every route, the admin API included (`add_doc_routes`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 
@@ -52,3 +57,22 @@ def standalone_schema(model: type[BaseModel]) -> dict[str, Any]:
         return node
 
     return resolve(schema)
+
+
+def add_doc_routes(app: FastAPI) -> None:
+    """FastAPI's three document routes, with the inference routes' token check in front."""
+    from service.deps import require_api_token  # deps imports the service; imported late to keep this light
+
+    guard = [Depends(require_api_token)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guard)
+    async def openapi_document() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=guard)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=guard)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")

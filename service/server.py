@@ -5,12 +5,22 @@ see refused connections rather than 503s, and readiness never turns 503 while wo
 `DrainingServer` inserts the drain first: on the first SIGTERM/SIGINT readiness and new requests turn 503
 at once, queued and running requests finish (up to `shutdown_timeout_s`), leftovers get 503, and only then
 does uvicorn's own shutdown start. A second signal skips the wait (uvicorn's usual behaviour).
+
+Connection limits (issue 17, H3; docs/hardening.md), all from `Settings`, through `uvicorn_config`:
+- the request line and headers may take `max_header_bytes` (431 past it, counted before the parser buffers
+  them) and must arrive within `header_timeout_s` of the connection or of the request's first byte (408);
+- a request body may pause at most `body_timeout_s` between two reads (408, connection closed);
+- an idle keep-alive connection closes after `keep_alive_timeout_s` (uvicorn's own timer);
+- past `max_connections` open connections (and running requests) uvicorn answers 503 at once.
+uvicorn's httptools protocol has no header limit and no read timeouts of its own, so `GuardedHttpTools`
+adds them around its parser callbacks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import threading
@@ -21,8 +31,10 @@ from types import FrameType
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.lifecycle import Service
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +81,108 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+_HEADER_END = b"\r\n\r\n"
+
+
+def _error_bytes(status: int, reason: str, code: str, message: str) -> bytes:
+    """A complete HTTP/1.1 response in the service's error shape (service/errors.py), closing the connection."""
+    body = json.dumps({"error": {"code": code, "message": message, "type": "invalid_request_error",
+                                 "param": None, "request_id": None}}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header-size limit and header/body read timeouts."""
+
+    settings: Settings  # set on the subclass `guarded_protocol` makes
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._awaiting_headers = True
+        self._header_bytes = 0
+        self._tail = b""  # the last bytes seen, so a header end split across two reads is still found
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm(self.settings.header_timeout_s, self._header_timeout)  # a connection that sends nothing
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_headers:
+            if self._timer is None:  # first byte of a request on a kept-alive connection
+                self._arm(self.settings.header_timeout_s, self._header_timeout)
+            window = self._tail + data
+            end = window.find(_HEADER_END)
+            used = self._header_bytes + (len(data) if end < 0 else end + len(_HEADER_END) - len(self._tail))
+            if used > self.settings.max_header_bytes:
+                self._refuse(431, "Request Header Fields Too Large", "headers_too_large",
+                             f"the request line and headers exceed {self.settings.max_header_bytes} bytes")
+                return
+            if end < 0:
+                self._header_bytes += len(data)
+                self._tail = window[-(len(_HEADER_END) - 1):]
+        elif self.cycle is not None and self.cycle.more_body:
+            self._arm(self.settings.body_timeout_s, self._body_timeout)  # the body is still coming
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._awaiting_headers, self._header_bytes, self._tail = False, 0, b""
+        self._arm(self.settings.body_timeout_s, self._body_timeout)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        self._awaiting_headers = True  # the next request's headers; the keep-alive timer covers the idle time
+        super().on_response_complete()
+
+    def _arm(self, delay_s: float, callback: object) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(delay_s, callback)  # type: ignore[arg-type]
+
+    def _disarm(self) -> None:
+        if getattr(self, "_timer", None) is not None:
+            self._timer.cancel()  # type: ignore[union-attr]
+            self._timer = None
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        if self._awaiting_headers:
+            self._refuse(408, "Request Timeout", "header_timeout",
+                         f"the request headers did not arrive within {self.settings.header_timeout_s:g} s")
+
+    def _body_timeout(self) -> None:
+        self._timer = None
+        if self.cycle is not None and self.cycle.more_body and not self.cycle.response_started:
+            self._refuse(408, "Request Timeout", "body_timeout",
+                         f"the request body paused for more than {self.settings.body_timeout_s:g} s")
+
+    def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
+        self._disarm()
+        if not self.transport.is_closing():
+            self.transport.write(_error_bytes(status, reason, code, message))
+            self.transport.close()
+        if self.cycle is not None:  # a request already handed to the app sees its client gone
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+
+
+def guarded_protocol(settings: Settings) -> type[GuardedHttpTools]:
+    return type("GuardedHttpToolsProtocol", (GuardedHttpTools,), {"settings": settings})
+
+
+def uvicorn_config(app: FastAPI, settings: Settings, **kwargs: object) -> uvicorn.Config:
+    """The uvicorn configuration every way of serving uses: the connection limits come from `settings`."""
+    return uvicorn.Config(app, http=guarded_protocol(settings),  # type: ignore[arg-type]
+                          timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
+                          limit_concurrency=settings.max_connections, **kwargs)  # type: ignore[arg-type]
+
+
 @contextlib.contextmanager
 def background_server(
     app: FastAPI, *, host: str = "127.0.0.1", startup_timeout_s: float = 120.0, log_level: str = "warning"
@@ -84,7 +198,7 @@ def background_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     base_url = f"http://{host}:{sock.getsockname()[1]}"
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, app.state.settings, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
     server = DrainingServer(config, app.state.service)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()

@@ -48,15 +48,14 @@ def serve(
         except (OSError, ValueError) as exc:
             fail(str(exc))
 
-    import uvicorn
-
     from service.app import create_app
-    from service.server import DrainingServer
+    from service.server import DrainingServer, uvicorn_config
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(
+    config = uvicorn_config(  # the connection limits of Settings (docs/hardening.md)
         app,
+        settings,
         host=host,
         port=port,
         log_level=log_level,

@@ -39,7 +39,9 @@ class Activator:
         future.add_done_callback(report)
         return future
 
-    async def activate(self, name: str, version: str) -> list[VariantInfo]:
+    async def activate(self, name: str, version: str, *, record: bool = True) -> list[VariantInfo]:
+        """`record=False`: swap without marking the version active in the store, for a replica that follows
+        an activation already in the registry (service/runner/follower.py)."""
         async with self._lock:
             # Verifies every file's checksum (store I/O): off the event loop.
             infos = await run_in_daemon_thread(partial(store_variants, self.store, name, version,
@@ -56,6 +58,8 @@ class Activator:
                 if old is not None:
                     await self.service.retire(old)
             self.service.registry.set_default(infos[0].variant)
-            await run_in_daemon_thread(self.store.activate, name, version)
+            if record:
+                await run_in_daemon_thread(self.store.activate, name, version)
+            self.service.recovered()  # a server whose own load failed serves this version now
             log.info("activated %s:%s (%s)", name, version, ", ".join(i.variant for i in infos))
             return infos

@@ -9,6 +9,7 @@ only where it means something else there (a body naming an unknown model is a 42
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +29,7 @@ from service.deps import ServiceDep, require_admin_token
 from service.errors import ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from service.lifecycle import run_in_daemon_thread
 from service.openapi import standalone_schema
+from service.settings import Settings
 from service.validation.requests import is_json, media_type, read_json, validate_model
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_token)])
@@ -60,17 +62,39 @@ def _unprocessable(message: str, param: str | None = None) -> ValidationFailed:
     return ValidationFailed(message, param=param)
 
 
-def _check_source(store: ModelStore, request: ConversionRequest) -> str:
-    """The source version (resolved), or 422 naming the field; no work is started for a bad request."""
+UPLOADS = "uploads"  # <store>/uploads: a dataset root on every server
+
+
+def dataset_roots(store: ModelStore, settings: Settings) -> list[Path]:
+    return [(Path(store.root) / UPLOADS).resolve(), *(Path(root).resolve() for root in settings.dataset_roots)]
+
+
+def _allowed_dataset(dataset: str, roots: list[Path]) -> bool:
+    """Inside one of the roots once resolved (symlinks and `..` followed), so a job reads no other file."""
+    path = Path(dataset)
+    if not path.is_absolute():
+        return False
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
+def _check_source(store: ModelStore, request: ConversionRequest, roots: list[Path] | None = None) -> str:
+    """The source version (resolved), or 422 naming the field; no work is started for a bad request.
+
+    A dataset file must lie under a configured root (issue 17): checked before the file is looked at, and
+    answered with one message whether or not it exists, so the route is no existence oracle."""
     try:
         info = store.conversion_source(request.model, request.version)
     except store_errors.NotFound as exc:  # named in the body: the request is wrong, not the URL
         raise _unprocessable(str(exc), "model" if request.version is None else "version") from exc
     if info.kind == "converted":
         raise _unprocessable(f"{info.ref} is already converted; convert its baseline instead", "version")
-    if request.dataset != EASY_VQA and not Path(request.dataset).is_file():
-        raise _unprocessable(f"dataset {request.dataset!r} is neither 'easy-vqa' nor a readable JSONL file",
-                             "dataset")
+    if request.dataset != EASY_VQA:
+        if roots is not None and not _allowed_dataset(request.dataset, roots):
+            raise _unprocessable("dataset must be 'easy-vqa' or a JSONL file under a dataset root: the store's "
+                                 f"'{UPLOADS}' directory or one of EAS_DATASET_ROOTS", "dataset")
+        if not Path(request.dataset).is_file():
+            raise _unprocessable("dataset is neither 'easy-vqa' nor a readable JSONL file", "dataset")
     return info.version
 
 
@@ -91,7 +115,8 @@ async def start_conversion(
     if media and not is_json(media):
         raise UnsupportedMediaType("Content-Type must be application/json")
     conversion = parse_conversion(await read_json(request), admin.store.root)
-    version = await run_in_daemon_thread(_check_source, admin.store, conversion.request)
+    roots = dataset_roots(admin.store, request.app.state.settings)
+    version = await run_in_daemon_thread(_check_source, admin.store, conversion.request, roots)
     job = await run_in_daemon_thread(lambda: admin.store.jobs.create(
         conversion.request.model, version, conversion.params, idempotency_key=idempotency_key,
         activate=bool(conversion.params.get(ACTIVATE))))
@@ -108,21 +133,24 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,  # SQLite integers are 64-bit: larger ones were a 500
 ) -> dict[str, Any]:
-    jobs = admin.store.jobs.select(status, model=model, limit=limit, offset=offset)
-    total = admin.store.jobs.count(status, model=model)
+    # Every store call runs off the event loop (issue 17, M4): a writer holding the database lock must
+    # not freeze the server, /health/live included.
+    jobs = await run_in_daemon_thread(partial(admin.store.jobs.select, status, model=model, limit=limit,
+                                              offset=offset))
+    total = await run_in_daemon_thread(partial(admin.store.jobs.count, status, model=model))
     return {"jobs": [job_view(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
 
 
 @router.get("/jobs/{job_id}")
 async def get_job(job_id: str, admin: AdminDep) -> dict[str, Any]:
-    return job_view(admin.store.jobs.get(job_id))
+    return job_view(await run_in_daemon_thread(admin.store.jobs.get, job_id))
 
 
 @router.delete("/jobs/{job_id}")
 async def cancel_job(job_id: str, admin: AdminDep, response: Response) -> dict[str, Any]:
     """Cancel cooperatively (idempotent): a queued job is cancelled at once, a running one at its next
     check (202); a finished job is returned unchanged (200)."""
-    job = admin.supervisor.cancel(job_id)
+    job = await run_in_daemon_thread(admin.supervisor.cancel, job_id)
     if not job.finished:
         response.status_code = 202
     return job_view(job)
@@ -130,15 +158,20 @@ async def cancel_job(job_id: str, admin: AdminDep, response: Response) -> dict[s
 
 @router.get("/models")
 async def list_models(admin: AdminDep, service: ServiceDep) -> dict[str, Any]:
-    store = admin.store
+    models = await run_in_daemon_thread(_list_models, admin.store)
+    served = [{"variant": s.variant, "model": s.info.model, "version": s.info.version}
+              for s in service.registry.all()]
+    default = await run_in_daemon_thread(admin.store.default_model)
+    return {"models": models, "default": default, "served": served}
+
+
+def _list_models(store: ModelStore) -> list[dict[str, Any]]:
     models = []
     for name in store.list_models():
         versions = [v.to_dict() for v in store.list_versions(name)]
         active = next((v["version"] for v in versions if v["active"]), None)
         models.append({"name": name, "active": active, "versions": versions})
-    served = [{"variant": s.variant, "model": s.info.model, "version": s.info.version}
-              for s in service.registry.all()]
-    return {"models": models, "default": store.default_model(), "served": served}
+    return models
 
 
 _IMPORT_BODY = {"content": {"application/json": {"schema": standalone_schema(ImportBody)}}, "required": True}
@@ -177,7 +210,7 @@ async def import_version(name: str, request: Request, admin: AdminDep, service: 
     if not path.is_absolute():
         raise _unprocessable(f"path {body.path!r} must be absolute (a directory on the server)", "path")
     if body.activate:
-        service.check_accepting()
+        service.check_can_activate()  # allowed after a failed load: the way out
     info, checked = await run_in_daemon_thread(_import_checkpoint, admin.store, name, path)
     view: dict[str, Any] = {"version": info.to_dict(), "checkpoint": checked.to_metadata(),
                             "links": {"activate": f"/admin/models/{name}/versions/{info.version}/activate"}}
@@ -195,5 +228,5 @@ async def _activate(admin: AdminState, name: str, version: str) -> list[dict[str
 async def activate_version(name: str, version: str, admin: AdminDep, service: ServiceDep) -> dict[str, Any]:
     """Load and warm the version beside the current one, swap atomically, then mark it active.
     A missing or corrupted version is refused and the current model keeps serving."""
-    service.check_accepting()
+    service.check_can_activate()  # allowed after a failed load: the way out
     return {"activated": f"{name}:{version}", "serving": await _activate(admin, name, version)}

@@ -29,6 +29,24 @@ BatchFn = Callable[[list[WorkItem]], list[Generation]]
 BatchObserver = Callable[[list[WorkItem], list[Generation]], None]
 
 
+# Below this many tokens per row, padding is cheap: lengths are not bucketed (issue 17, H1).
+BUCKET_FLOOR_TOKENS = 256
+
+
+def fits_batch(batch: list[WorkItem], item: WorkItem, max_batch_tokens: int | None) -> bool:
+    """May `item` join `batch`? Every row is padded to the longest prompt, so the batch's padded tokens
+    (rows × longest) must stay within the budget, and lengths beyond BUCKET_FLOOR_TOKENS must be within 2x
+    of each other: one long prompt runs with similar ones instead of padding many short ones. Items of
+    unknown length (tokens 0) always fit."""
+    if max_batch_tokens is None or not item.tokens:
+        return True
+    lengths = [i.tokens for i in batch if i.tokens] + [item.tokens]
+    longest, shortest = max(lengths), min(lengths)
+    if (len(batch) + 1) * longest > max_batch_tokens:
+        return False
+    return longest <= max(2 * shortest, BUCKET_FLOOR_TOKENS)
+
+
 class InferenceFailed(ServiceError):
     status, code, type = 500, "inference_failed", "server_error"
 
@@ -66,8 +84,10 @@ class Batcher:
         queue_full: Callable[[], ServiceError],
         on_batch: BatchObserver | None = None,
         on_depth: Callable[[int], None] | None = None,
+        max_batch_tokens: int | None = None,
     ) -> None:
         self.name = name
+        self.max_batch_tokens = max_batch_tokens  # padded-token budget of a batch (None: no budget)
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_s
@@ -207,13 +227,18 @@ class Batcher:
             now = time.monotonic()
             batch: list[WorkItem] = []
             expired: list[WorkItem] = []
+            later: list[WorkItem] = []  # too long or too short for this batch: first in line for the next
             while self._queue and len(batch) < self.max_batch_size:
                 item = self._queue.popleft()
                 if item.deadline <= now:
                     expired.append(item)  # never run work nobody will wait for
                     continue
+                if batch and not fits_batch(batch, item, self.max_batch_tokens):
+                    later.append(item)
+                    continue
                 item.started_at = now
                 batch.append(item)
+            self._queue.extendleft(reversed(later))
             self._running = batch
             depth = self._reserved + len(self._queue)
         self._report_depth(depth)

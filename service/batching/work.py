@@ -81,6 +81,10 @@ class WorkItem:
     shadow: bool = False
     sampling: Sampling = GREEDY
     sink: TokenSink | None = None  # set for a streamed request (service/streaming.py)
+    # The processor's tensors for this request alone (service/preprocess.py), batched by the runner; None:
+    # the runner prepares it (warm-up, shadow mirrors). `tokens`: its prompt length, 0 when not known.
+    features: Any = None
+    tokens: int = 0
     # Set when nobody waits for the result any more: a running batch finishes this row at its next step.
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = 0.0

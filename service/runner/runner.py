@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
@@ -63,13 +64,20 @@ class ModelRunner:
     def run_batch(self, items: list[WorkItem]) -> list[Generation]:
         self.threads.apply()  # runs in this variant's inference thread, where OpenMP reads it
         rows = [RowControl(i.sampling, i.max_new_tokens, sink=i.sink, cancelled=i.cancelled) for i in items]
+        # Requests prepared in the preprocessing pool (service/preprocess.py) are only collated here.
+        features = [i.features for i in items]
         return self.generate([i.image for i in items], [i.question for i in items],
-                             [i.max_new_tokens for i in items], rows=rows)
+                             [i.max_new_tokens for i in items], rows=rows,
+                             features=features if all(f is not None for f in features) else None)
 
     def generate(self, images: list[Image.Image], questions: list[str], max_new_tokens: list[int],
-                 rows: list[RowControl] | None = None) -> list[Generation]:
+                 rows: list[RowControl] | None = None, features: list[Any] | None = None) -> list[Generation]:
         t0 = time.perf_counter()
-        batch = self.model.prepare(images, questions)
+        # Always per request, then collated: the tokenizer is never switched to padding, which would race
+        # with the preprocessing threads' use of it (the Rust tokenizer refuses concurrent reconfiguration).
+        if features is None:
+            features = [self.model.prepare_one(image, q) for image, q in zip(images, questions, strict=True)]
+        batch = self.model.collate(features)
         t1 = time.perf_counter()
         if rows is not None and not all(r.sampling.plain and r.sink is None for r in rows):
             # Sampling, stop conditions or streaming: per-row control of each step (service/runner/sampling.py).

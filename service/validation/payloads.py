@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import unicodedata
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -67,10 +68,22 @@ def validate_question(question: object, *, max_chars: int, param: str = "questio
     question = question.strip()
     if not question:
         raise ValidationFailed(f"{param} must not be empty", param=param)
+    if not any(_visible(char) for char in question):
+        raise ValidationFailed(f"{param} has no visible characters (only spaces, joiners or format marks)",
+                               param=param)
     if len(question) > max_chars:
         raise ValidationFailed(f"{param} has {len(question)} characters; the limit is {max_chars}", param=param)
     _check_plain_text(question, param)
     return question
+
+
+_DECIMAL = re.compile(r"-?[0-9]+")
+# Separators, format characters (zero-width space/joiner, BOM, bidi marks) and combining marks alone.
+_INVISIBLE_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cf", "Mn", "Me", "Cc"})
+
+
+def _visible(char: str) -> bool:
+    return unicodedata.category(char) not in _INVISIBLE_CATEGORIES and char not in "\u115f\u1160\u3164\uffa0"
 
 
 # C0 controls but tab/LF/CR, DEL and C1 controls (Unicode category Cc), and UTF-16 surrogates (Cs).
@@ -101,10 +114,9 @@ def validate_max_new_tokens(value: object, *, default: int, cap: int, param: str
     if isinstance(value, bool):
         raise ValidationFailed(f"{param} must be an integer", param=param)
     if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise ValidationFailed(f"{param} must be an integer", param=param) from None
+        if not _DECIMAL.fullmatch(value.strip()):  # int() would also take "5_0" and " +8 "
+            raise ValidationFailed(f"{param} must be an integer", param=param)
+        value = int(value.strip())
     if not isinstance(value, int):
         raise ValidationFailed(f"{param} must be an integer", param=param)
     if not 1 <= value <= cap:
@@ -118,11 +130,10 @@ def deadline_from_header(
     """Absolute `time.monotonic()` deadline: the request's start plus its budget, clamped to `max_ms`."""
     budget_ms = default_ms
     if raw is not None:
-        try:
-            budget_ms = int(raw.strip())
-        except ValueError:
+        if not _DECIMAL.fullmatch(raw.strip()):
             raise ValidationFailed("X-Request-Deadline-Ms must be an integer number of milliseconds",
-                                   param="X-Request-Deadline-Ms") from None
+                                   param="X-Request-Deadline-Ms")
+        budget_ms = int(raw.strip())
         if budget_ms <= 0:
             raise ValidationFailed("X-Request-Deadline-Ms must be positive", param="X-Request-Deadline-Ms")
         budget_ms = min(budget_ms, max_ms)

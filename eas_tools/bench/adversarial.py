@@ -1,0 +1,338 @@
+"""One attacker beside normal clients, kind by kind (issue 17; the table is in docs/hardening.md).
+
+    python -m eas_tools.bench.adversarial --seconds 10 --json-out runs/adversarial.json
+
+A server (`serve` below: create_app + the connection limits of service/server.py, default Settings) runs
+in its own process on 127.0.0.1, serving a tiny LLaVA (eas.zoo.llava, seeded) as `baseline`. This process
+drives it: 8 normal clients in a closed loop (`POST /v1/answer`, a small PNG and a short question) and a
+`/health/live` probe every 50 ms, first with no attacker, then beside one attacker of each kind for
+`--seconds` each:
+
+- long_token: a 1,000-emoji question (under the character limit, ~4,000 byte-level tokens);
+- png_chunk_bomb: a ~12 MB PNG of 1,000,000 empty chunks;
+- huge_chat_body: a 14 MB chat body of 400,000 messages;
+- huge_header: one connection streaming a header of up to 128 MiB;
+- slow_connections: 300 connections trickling their headers a byte at a time;
+- max_size_images: an 8192x1 PNG, in a loop;
+- overload_4096: 64 clients sending 4096x4096 RGBA PNGs.
+
+Per kind: normal answers/s (and as a share of the no-attacker figure), /health/live p50/p99, 5xx
+responses (anyone's), and the server's RSS before and 3 s after. Everything is bounded (time, sizes,
+connections) and loopback only. It measures; the issue's targets are printed beside the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from PIL import Image, ImageDraw
+
+HOST = "127.0.0.1"
+NORMAL_CLIENTS = 8
+PROBE_INTERVAL_S = 0.05
+QUESTION = "what colour is the shape?"
+KINDS = ("none", "long_token", "png_chunk_bomb", "huge_chat_body", "huge_header", "slow_connections",
+         "max_size_images", "overload_4096")
+
+
+# --- payloads --------------------------------------------------------------------------------------------
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def normal_png() -> bytes:
+    image = Image.new("RGB", (48, 40), (255, 255, 255))
+    ImageDraw.Draw(image).ellipse((10, 8, 38, 32), fill=(200, 30, 30))
+    return _png(image)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def chunk_bomb(chunks: int = 1_000_000) -> bytes:
+    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+    pixels = _chunk(b"IDAT", zlib.compress(b"".join(b"\0" + b"\x80" * 24 for _ in range(8))))
+    return b"\x89PNG\r\n\x1a\n" + header + _chunk(b"zzZz", b"") * chunks + pixels + _chunk(b"IEND", b"")
+
+
+def multipart(image: bytes, question: str) -> dict[str, Any]:
+    return {"files": {"image": ("i.png", image, "image/png")}, "data": {"question": question}}
+
+
+# --- the server ------------------------------------------------------------------------------------------
+
+def serve(model_dir: Path, port: int) -> None:
+    """The server process: default Settings but the model path; the connection limits of uvicorn_config."""
+    from service.app import create_app
+    from service.server import DrainingServer, uvicorn_config
+    from service.settings import Settings
+
+    settings = Settings(model_path=model_dir, model="tiny", device="cpu", dtype="fp32", api_token=None,
+                        admin_token=None)
+    app = create_app(settings)
+    config = uvicorn_config(app, settings, host=HOST, port=port, log_level="warning", lifespan="on")
+    DrainingServer(config, app.state.service).run()
+
+
+def build_model(directory: Path) -> Path:
+    from eas.zoo.llava import build_llava
+
+    model, processor = build_llava(seed=0)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+# --- measuring -------------------------------------------------------------------------------------------
+
+class Tally:
+    def __init__(self) -> None:
+        self.normal_ok = 0
+        self.statuses: dict[int, int] = {}
+        self.probe_ms: list[float] = []
+        self.errors = 0
+
+    def count(self, status: int) -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+
+    @property
+    def server_errors(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status >= 500)
+
+
+async def normal_client(url: str, tally: Tally, stop: asyncio.Event) -> None:
+    image = normal_png()
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=60) as client:
+        while not stop.is_set():
+            try:
+                response = await client.post("/v1/answer", **multipart(image, QUESTION))
+            except httpx.HTTPError:
+                tally.errors += 1
+                continue
+            tally.count(response.status_code)
+            if response.status_code == 200:
+                tally.normal_ok += 1
+
+
+async def probe(url: str, tally: Tally, stop: asyncio.Event) -> None:
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as client:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                response = await client.get("/health/live")
+                tally.count(response.status_code)
+            except httpx.HTTPError:
+                tally.errors += 1
+            tally.probe_ms.append((time.perf_counter() - t0) * 1000)
+            await asyncio.sleep(PROBE_INTERVAL_S)
+
+
+async def _loop_posts(url: str, tally: Tally, stop: asyncio.Event, path: str, **request: Any) -> None:
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=60) as client:
+        while not stop.is_set():
+            try:
+                response = await client.post(path, **request)
+                tally.count(response.status_code)
+            except httpx.HTTPError:
+                await asyncio.sleep(0.05)  # refused or closed by the server: try again, as an attacker would
+
+
+async def _raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    port = int(url.rsplit(":", 1)[1])
+    return await asyncio.open_connection(HOST, port)
+
+
+async def huge_header(url: str, tally: Tally, stop: asyncio.Event) -> None:
+    chunk = b"a" * 65536
+    while not stop.is_set():
+        reader, writer = await _raw(url)
+        try:
+            writer.write(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            for _ in range(2048):  # up to 128 MiB
+                if stop.is_set() or writer.is_closing():
+                    break
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                status = await asyncio.wait_for(reader.read(32), 1)
+                if status.startswith(b"HTTP/1.1 "):
+                    tally.count(int(status[9:12]))
+            writer.close()
+
+
+async def slow_connections(url: str, tally: Tally, stop: asyncio.Event, count: int = 300) -> None:
+    async def one() -> None:
+        while not stop.is_set():
+            try:
+                _, writer = await _raw(url)
+                for byte in b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 10_000:
+                    if stop.is_set():
+                        break
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(1.0)
+                writer.close()
+            except (ConnectionError, OSError):
+                await asyncio.sleep(0.5)
+
+    await asyncio.gather(*(one() for _ in range(count)))
+
+
+def attacker(kind: str) -> Callable[[str, Tally, asyncio.Event], Awaitable[None]] | None:
+    if kind == "none":
+        return None
+    if kind == "long_token":
+        return lambda u, t, s: _loop_posts(u, t, s, "/v1/answer", **multipart(normal_png(), "\U0001f600" * 1000))
+    if kind == "png_chunk_bomb":
+        bomb = chunk_bomb()
+        return lambda u, t, s: _loop_posts(u, t, s, "/v1/answer", **multipart(bomb, QUESTION))
+    if kind == "huge_chat_body":
+        body = json.dumps({"model": "baseline", "messages": [{"role": "user", "content": "hi"}] * 400_000}).encode()
+        return lambda u, t, s: _loop_posts(u, t, s, "/v1/chat/completions", content=body,
+                                           headers={"Content-Type": "application/json"})
+    if kind == "huge_header":
+        return huge_header
+    if kind == "slow_connections":
+        return slow_connections
+    if kind == "max_size_images":
+        long_png = _png(Image.new("RGB", (8192, 1), (10, 200, 30)))
+        return lambda u, t, s: _loop_posts(u, t, s, "/v1/answer", **multipart(long_png, QUESTION))
+    if kind == "overload_4096":
+        big = _png(Image.new("RGBA", (4096, 4096), (10, 200, 30, 255)))
+
+        async def overload(u: str, t: Tally, s: asyncio.Event) -> None:
+            await asyncio.gather(*(_loop_posts(u, t, s, "/v1/answer", **multipart(big, QUESTION)) for _ in range(64)))
+        return overload
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run_kind(url: str, kind: str, seconds: float, server: psutil.Process) -> dict[str, Any]:
+    rss_before = server.memory_info().rss
+    tally, stop = Tally(), asyncio.Event()
+    attack = attacker(kind)
+    tasks = [asyncio.create_task(normal_client(url, tally, stop)) for _ in range(NORMAL_CLIENTS)]
+    tasks.append(asyncio.create_task(probe(url, tally, stop)))
+    if attack is not None:
+        tasks.append(asyncio.create_task(attack(url, tally, stop)))
+    peak = rss_before
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        await asyncio.sleep(0.1)
+        peak = max(peak, server.memory_info().rss)
+    stop.set()
+    await asyncio.wait(tasks, timeout=30)
+    for task in tasks:
+        task.cancel()
+    await asyncio.sleep(3.0)  # settle before reading memory again
+    rss_after = server.memory_info().rss
+    return {"kind": kind, "seconds": seconds, "normal_per_s": tally.normal_ok / seconds,
+            "live_p50_ms": _percentile(tally.probe_ms, 0.5), "live_p99_ms": _percentile(tally.probe_ms, 0.99),
+            "responses_5xx": tally.server_errors, "statuses": {str(k): v for k, v in sorted(tally.statuses.items())},
+            "transport_errors": tally.errors, "rss_before_mib": rss_before / 2**20, "rss_peak_mib": peak / 2**20,
+            "rss_after_mib": rss_after / 2**20}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    base = rows[0]["normal_per_s"] or float("nan")
+    lines = ["| attacker | normal answers/s | vs none | /health/live p50 / p99 ms | 5xx | RSS before → after MiB |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kind']} | {r['normal_per_s']:.1f} | {r['normal_per_s'] / base:.0%} | "
+                     f"{r['live_p50_ms']:.1f} / {r['live_p99_ms']:.1f} | {r['responses_5xx']} | "
+                     f"{r['rss_before_mib']:.0f} → {r['rss_after_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+async def drive(url: str, kinds: list[str], seconds: float, server: psutil.Process) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=2) as client:
+        deadline = time.monotonic() + 180
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get("/health/ready")).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not become ready")
+            await asyncio.sleep(0.2)
+    rows = []
+    for kind in kinds:
+        rows.append(await run_kind(url, kind, seconds, server))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per attacker kind")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma separated; 'none' should come first")
+    parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the server process (internal)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve is not None:
+        serve(args.serve, args.port)
+        return 0
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        parser.error(f"unknown kind(s) {unknown}; known: {', '.join(KINDS)}")
+    with tempfile.TemporaryDirectory(prefix="eas-adversarial-") as tmp:
+        model_dir = build_model(Path(tmp) / "tiny")
+        port = free_port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        process = subprocess.Popen([sys.executable, "-m", "eas_tools.bench.adversarial", "--serve", str(model_dir),
+                                    "--port", str(port)], env=env)
+        try:
+            rows = asyncio.run(drive(f"http://{HOST}:{port}", kinds, args.seconds, psutil.Process(process.pid)))
+        finally:
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(30)
+            if process.poll() is None:
+                process.kill()
+    print(table(rows))
+    print(f"load average: {os.getloadavg()}")
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps({"rows": rows, "loadavg": os.getloadavg()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
