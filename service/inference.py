@@ -16,10 +16,11 @@ from fastapi import Request
 
 from service.batching.batcher import Batcher
 from service.batching.work import GREEDY, Completed, Generation, Sampling, TokenSink, WorkItem
-from service.errors import ClientDisconnected, DeadlineExceeded
+from service.errors import ClientDisconnected, DeadlineExceeded, ServiceUnavailable
 from service.metrics import Metrics
 from service.runner.registry import ServedVariant
 from service.validation.images import ImageLimits
+from service.validation.payloads import DEADLINE_HEADER
 
 
 @dataclass(frozen=True)
@@ -114,15 +115,21 @@ async def _wait_for_result(request: Request, batcher: Batcher, item: WorkItem, m
         done, _ = await asyncio.wait((item.future, disconnect), timeout=max(0.0, item.deadline - time.monotonic()),
                                      return_when=asyncio.FIRST_COMPLETED)
         if item.future in done:
-            return item.future.result()
+            try:
+                return item.future.result()
+            except DeadlineExceeded:
+                if item.started_at is None:
+                    raise _starved(request) from None
+                raise
         withdrawn = batcher.withdraw(item)
         item.cancelled.set()  # a running batch drops this row at its next step
         item.future.cancel()
         if disconnect in done:
             metrics.rejected.labels(reason="client_disconnected").inc()
             raise ClientDisconnected()
-        where = "queued" if withdrawn or item.started_at is None else "running"
-        raise DeadlineExceeded(f"the request's deadline passed while it was {where}")
+        if withdrawn or item.started_at is None:
+            raise _starved(request)
+        raise DeadlineExceeded("the request's deadline passed while it was running")
     except asyncio.CancelledError:
         batcher.withdraw(item)
         item.cancelled.set()
@@ -130,6 +137,17 @@ async def _wait_for_result(request: Request, batcher: Batcher, item: WorkItem, m
         raise
     finally:
         disconnect.cancel()
+
+
+def _starved(request: Request) -> Exception:
+    """A request admitted and then never started before its deadline. With the client's own deadline
+    (X-Request-Deadline-Ms) that is its 504; with the server's default it means overload, which is
+    answered like a full queue: 503 with Retry-After, never a 504 for work the server took on (issue 17)."""
+    if request.headers.get(DEADLINE_HEADER) is not None:
+        return DeadlineExceeded("the request's deadline passed while it was queued")
+    retry_after = str(request.app.state.settings.retry_after_s)
+    return ServiceUnavailable("the server is overloaded: the request waited its whole deadline in the queue; "
+                              "retry later", code="overloaded", headers={"Retry-After": retry_after})
 
 
 async def _client_disconnected(request: Request) -> None:

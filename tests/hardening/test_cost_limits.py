@@ -153,3 +153,23 @@ async def test_decode_memory_full_is_503_with_retry_after(model_dirs, monkeypatc
         app.state.service.preprocessor.budget.limit = 1 << 30
         assert (await client.post("/v1/answer", **multipart(image_bytes(), Q))).status_code == 200
         await asyncio.sleep(0)
+
+
+@pytest.mark.anyio
+async def test_admitted_then_starved_is_503_with_retry_after_not_504(model_dirs) -> None:
+    from tests.service.conftest import Gate
+
+    gate = Gate()
+    settings = make_settings(model_dirs, max_batch_size=1, max_queue_size=2, baseline_path=None,
+                             default_deadline_ms=300)
+    async with running_app(settings, loader=gate.loader()) as (_, client):
+        gate.close()
+        try:
+            running = asyncio.ensure_future(client.post("/v1/answer", **multipart(image_bytes(), Q)))
+            await asyncio.to_thread(gate.started.wait, 10)
+            starved = await client.post("/v1/answer", **multipart(image_bytes(), Q))  # the server's own deadline
+            assert_error(starved, 503, "overloaded")
+            assert starved.headers["retry-after"]
+        finally:
+            gate.open()
+        await running
