@@ -19,7 +19,8 @@ bound methods on the converted *instance*, so plain `model.generate(**batch)` is
 
 Refused, with a `ValueError` naming the option, because they would pool a partial prompt or verify
 candidates against the wrong statistics: chunked prefill (`prefill_chunk_size`), assisted decoding
-(`assistant_model`, `prompt_lookup_num_tokens`), and a static/quantized cache (`cache_implementation`).
+(`assistant_model`, `prompt_lookup_num_tokens`), and a static/quantized cache (`cache_implementation`)
+asked for by the caller; one that only the model's generation_config names gives way to the dynamic cache.
 
 The methods are bound with `types.MethodType` and reach the model's state through `self`, so they
 follow the instance (a `copy.deepcopy` of the model gets methods bound to the copy).
@@ -51,7 +52,14 @@ def _skipped_slots(model: nn.Module) -> tuple[int, ...]:
 
 
 def _check_options(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Refuse what the caller asked for and cannot be exact. A static cache that only the model's own
+    generation_config names (Gemma 3 checkpoints ship `cache_implementation: "hybrid"`) is replaced by the
+    dynamic cache for this call: same outputs, only the caller's explicit request is refused."""
+    own = kwargs.get("generation_config") is None
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if own and "cache_implementation" not in kwargs and getattr(config, "cache_implementation", None) not in (
+            None, "dynamic"):
+        kwargs["cache_implementation"] = None
     for name, why in _REFUSED.items():
         value = kwargs.get(name, getattr(config, name, None))
         if name == "cache_implementation" and value in (None, "dynamic"):

@@ -183,3 +183,12 @@ def test_routed_adapters_generate_exactly_too() -> None:
     batch = llava_batch(processor)
     ref = reference(model, batch, do_sample=False, use_cache=False)
     assert torch.equal(stock(model, batch, do_sample=False, use_cache=False).sequences, ref.sequences)
+
+
+def test_a_static_cache_named_only_by_the_generation_config_gives_way() -> None:
+    """Gemma 3 checkpoints ship cache_implementation="hybrid": generate still works, exactly."""
+    model, batch = family("llava", (0, 2))
+    ref = reference(model, batch, do_sample=False)
+    model.generation_config.cache_implementation = "static"
+    out = stock(model, batch, do_sample=False)
+    assert torch.equal(out.sequences, ref.sequences) and logit_gap(out, ref) <= 1e-5
