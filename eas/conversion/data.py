@@ -209,7 +209,8 @@ def training_batch(processor: ProcessorMixin, samples: Sequence[VQASample]) -> d
     non-padding positions before its first supervised token (eas-method.md §5 rule 2).
     """
     prompts = [build_prompt(processor, s.question) for s in samples]
-    enc = processor(images=load_images(samples), text=prompts, padding=False, return_tensors=None)
+    # One image per sample, nested (Gemma3's processor reads a flat list as all images of one prompt).
+    enc = processor(images=[[im] for im in load_images(samples)], text=prompts, padding=False, return_tensors=None)
     pad = processor.tokenizer.pad_token_id
     sequences, labels = [], []
     for prompt_ids, sample in zip(enc["input_ids"], samples, strict=True):
@@ -222,8 +223,14 @@ def training_batch(processor: ProcessorMixin, samples: Sequence[VQASample]) -> d
         "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences]),
         "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]),
     }
+    prompt_lengths = [len(ids) for ids in enc["input_ids"]]
     for key, value in enc.items():  # pixel_values and any model-specific image inputs
-        if key not in ("input_ids", "attention_mask"):
+        if key in ("input_ids", "attention_mask", "labels"):  # PaliGemma's processor returns its own labels
+            continue
+        if isinstance(value, list) and [len(v) for v in value] == prompt_lengths and key.endswith("type_ids"):
+            # per-token types (token_type_ids, mm_token_type_ids): the answer and padding are text, type 0
+            batch[key] = torch.tensor([list(v) + [0] * (width - len(v)) for v in value])
+        else:
             batch[key] = torch.as_tensor(value if not isinstance(value, list) else _stack(value))
     return batch
 

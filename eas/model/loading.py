@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
-    AutoProcessor,
     BatchFeature,
     PreTrainedModel,
     ProcessorMixin,
@@ -79,7 +78,8 @@ class LoadedModel:
     def prepare(self, images: list[Image.Image], questions: list[str]) -> BatchFeature:
         """Processor inputs for a batch, left-padded, on the model's device."""
         prompts = [build_prompt(self.processor, q) for q in questions]
-        images = [im.convert("RGB") for im in images]
+        # One image per sample, nested: Gemma3's processor reads a flat list as all images of one prompt.
+        images = [[im.convert("RGB")] for im in images]
         batch = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
         batch = batch.to(self.device)
         if "pixel_values" in batch:
@@ -148,6 +148,8 @@ def load_model(
     else:
         model, plan = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32), None
     model = model.to(device=dev, dtype=dt).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    from eas.model.processors import load_processor  # AutoProcessor, or without torchvision's video processors
+
+    processor = load_processor(path)
     return LoadedModel(model=model, processor=processor, name=name or path.name, path=path,
                        plan=plan, device=dev, dtype=dt)
