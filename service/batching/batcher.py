@@ -1,9 +1,13 @@
 """A per-variant dynamic batcher: bounded admission, batch gathering, one worker thread.
 
 The event loop only admits, enqueues and awaits futures; all model work happens on the batcher's own
-thread, so a forward pass never blocks other requests' I/O. A batch closes when it holds
-`max_batch_size` requests or when its first request has waited `max_batch_wait_s`, measured from that
-request's enqueue time (a request that already waited behind a running batch does not wait again).
+thread, so a forward pass never blocks other requests' I/O.
+
+When the worker is free it takes what is queued at once: requests that arrived while a batch ran have
+already waited for it, and a lone request gains nothing by waiting (issue 18: the fixed window was most
+of the gap to LitServe at one client). The window (`max_batch_wait_s`, from the first request's enqueue)
+is spent only while other admitted requests are still being prepared (image decode, processor): they
+are known to be on their way, and waiting for them saves a batch. A batch also closes at `max_batch_size`.
 
 Queue capacity counts admitted requests that have not started yet, including those still decoding
 their image: admission is decided before any decoding (serving-conventions §2), so a flood of large
@@ -197,6 +201,7 @@ class Batcher:
     def _release_admission(self) -> None:
         with self._cond:
             self._reserved -= 1
+            self._cond.notify()  # the worker may be waiting for this request (see _next_batch)
             depth = self._reserved + len(self._queue)
         self._report_depth(depth)
 
@@ -219,11 +224,11 @@ class Batcher:
                     return None, []
                 self._cond.wait()
             fill_until = self._queue[0].enqueued_at + self.max_batch_wait_s
-            while len(self._queue) < self.max_batch_size and not self._stopping:
+            while len(self._queue) < self.max_batch_size and self._reserved > 0 and not self._stopping:
                 remaining = fill_until - time.monotonic()
                 if remaining <= 0 or not self._queue:
                     break
-                self._cond.wait(remaining)
+                self._cond.wait(remaining)  # woken by each enqueue and each released admission
             now = time.monotonic()
             batch: list[WorkItem] = []
             expired: list[WorkItem] = []

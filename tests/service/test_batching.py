@@ -65,15 +65,42 @@ async def test_batches_fill_up_to_max_size() -> None:
     batcher.stop()
 
 
-async def test_partial_batch_leaves_after_the_wait_window() -> None:
+async def test_an_idle_worker_dispatches_at_once() -> None:
+    """Nothing else admitted: a lone request does not wait for the window (issue 18)."""
     runner = FakeRunner()
-    batcher = make_batcher(runner, max_batch_wait_s=0.03)
+    batcher = make_batcher(runner, max_batch_wait_s=5.0)
     batcher.start()
     t0 = time.monotonic()
     result = await asyncio.wait_for(submit(batcher, "alone").future, 5)
     assert result.generation.batch_size == 1
-    assert 0.02 <= time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 2.5  # well inside the 5 s window it would have waited before
     batcher.stop()
+
+
+async def test_the_window_waits_for_requests_still_being_prepared() -> None:
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_wait_s=0.03)
+    batcher.start()
+    held = batcher.admit()  # admitted, still being prepared: the worker waits for it, up to the window
+    t0 = time.monotonic()
+    result = await asyncio.wait_for(submit(batcher, "first").future, 5)
+    assert result.generation.batch_size == 1 and time.monotonic() - t0 >= 0.02  # it never came: window ran out
+    held.release()
+
+    slow = make_batcher(FakeRunner(), max_batch_wait_s=5.0)
+    slow.start()
+    held = slow.admit()
+    first = submit(slow, "a")
+    await asyncio.sleep(0.05)
+    assert not first.future.done()  # waiting for the admitted request
+    loop = asyncio.get_running_loop()
+    second = WorkItem(image=Image.new("RGB", (4, 4)), question="b", max_new_tokens=1,
+                      deadline=time.monotonic() + 10, loop=loop, future=loop.create_future())
+    held.enqueue(second)
+    results = await asyncio.wait_for(asyncio.gather(first.future, second.future), 5)
+    assert [r.generation.batch_size for r in results] == [2, 2]  # ... and they ran together
+    batcher.stop()
+    slow.stop()
 
 
 async def test_admission_bound_counts_admitted_not_started() -> None:
