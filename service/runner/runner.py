@@ -81,8 +81,7 @@ class ModelRunner:
         t1 = time.perf_counter()
         if rows is not None and not all(r.sampling.plain and r.sink is None for r in rows):
             # Sampling, stop conditions or streaming: per-row control of each step (service/runner/sampling.py).
-            return controlled_generations(self.model, batch, rows, self._eos_ids, prepare_s=t1 - t0,
-                                          measure=self._phases.measure)
+            return controlled_generations(self.model, batch, rows, prepare_s=t1 - t0, measure=self._phases.measure)
         started = time.monotonic()
         with self._phases.measure() as marks:
             ids = self.model.generate_ids(batch, max(max_new_tokens))
