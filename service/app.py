@@ -26,6 +26,7 @@ from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.openapi import ERROR_RESPONSES, add_doc_routes
 from service.routes import answer, chat, health, metrics, models
+from service.runner.follower import start_follower
 from service.runner.resolve import resolve_variants
 from service.settings import Settings
 from service.shadow import ShadowMirror
@@ -38,9 +39,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
     await service.start()  # loads in the background; /health/ready says 503 until warm
     admin = await start_admin(app) if app.state.admin_auth.enabled else None
+    # Every replica follows the registry's active version (on by default with a PostgreSQL registry).
+    follower = await start_follower(service, admin.store if admin else None, admin.activator if admin else None)
     try:
         yield
     finally:
+        if follower is not None:
+            await follower.stop()
         if admin is not None:
             await run_in_daemon_thread(admin.supervisor.shutdown, service.settings.shutdown_timeout_s)
         if app.state.shadow is not None:

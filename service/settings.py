@@ -72,6 +72,19 @@ class Settings(BaseSettings):
                              "else the CPUs the process may use (affinity and cgroup quota, not the host's cores).",
     )
 
+    # --- following the registry's active version (issue 16; service/runner/follower.py) --------------
+    # The registry itself is chosen by EAS_REGISTRY_URL, which the store reads (model_store/registry.py), so
+    # the server, its conversion workers and the CLI all open the same one.
+    follow_active: bool | None = Field(
+        None, description="Poll the registry and hot-swap to the served model's active version when another "
+                          "process moved it (EAS_FOLLOW_ACTIVE); unset: on exactly when EAS_REGISTRY_URL names "
+                          "a PostgreSQL registry.",
+    )
+    follow_interval_s: float = Field(
+        1.0, gt=0, le=300, description="Seconds between two looks at the registry (EAS_FOLLOW_INTERVAL_S): the "
+                                       "bound on how late a replica notices an activation.",
+    )
+
     # --- conversion jobs (docs/admin.md) --------------------------------------------------------------
     # The supervisor hands these to each worker on its command line (service/admin/supervisor.py); the worker
     # itself reads no environment.

@@ -50,7 +50,9 @@ def test_pending_activation_fails_with_its_job(tmp_path: Path, how: str) -> None
     assert after.activation == "failed" and after.activation_error
 
 
-def test_old_store_gains_the_columns(tmp_path: Path) -> None:
+def test_old_store_gains_the_columns(tmp_path: Path, registry_backend: str) -> None:
+    if registry_backend == "postgresql":
+        pytest.skip("a store from before the columns existed is a SQLite file; PostgreSQL registries start with them")
     store = _store_with_version(tmp_path)
     job = store.jobs.create("m", "v1", {})
     conn = sqlite3.connect(store.root / DB_NAME)
