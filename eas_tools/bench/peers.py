@@ -13,8 +13,10 @@ answers the same JSON body `{"image": base64, "question": ..., "max_new_tokens":
 
 First every server answers the same request list one by one and the answers are compared (identity).
 Then, per round, for each client count every server gets the same closed-loop load for `--duration`
-seconds, in an order that rotates each round; the report gives per-cell medians over rounds of req/s and
-p50 latency, and eas-serve's paired per-round ratios against each peer (median of the ratios).
+seconds, cut into `--slices` turns that alternate between the servers (the first server rotates each
+round), so load that comes and goes on a shared machine lands on all of them. The report gives
+per-cell medians over rounds of req/s and p50 latency, and eas-serve's paired per-round ratios against
+each peer (median of the ratios).
 
 `--cotenant` starts a CPU-bound process pinned to one core and measures eas-serve three ways beside it:
 its default threads (service/cpu.py: usable CPUs, OMP_WAIT_POLICY=PASSIVE), 1 thread, and 2 threads with
@@ -260,14 +262,27 @@ async def closed_loop(url: str, bodies: list[dict[str, Any]], clients: int, dura
     return latencies, errors, duration_s
 
 
-def measure(server: Server, bodies: list[dict[str, Any]], clients: int, rnd: int, duration_s: float,
-            warmup_s: float) -> Cell:
-    latencies, errors, wall = asyncio.run(closed_loop(server.url + ROUTES[server.name], bodies, clients,
-                                                      duration_s, warmup_s))
-    ordered = sorted(latencies) or [float("nan")]
-    return Cell(server=server.label, clients=clients, round=rnd, requests=len(latencies), wall_s=wall,
-                p50_ms=1000 * statistics.median(ordered), p90_ms=1000 * ordered[int(0.9 * (len(ordered) - 1))],
-                errors=errors)
+def measure_cell(servers: list[Server], bodies: list[dict[str, Any]], clients: int, rnd: int, duration_s: float,
+                 warmup_s: float, slices: int) -> list[Cell]:
+    """One (round, clients) cell for every server: `slices` turns each, the servers alternating, so load
+    that comes and goes on a shared machine lands on all of them alike."""
+    latencies: dict[str, list[float]] = {s.label: [] for s in servers}
+    errors = dict.fromkeys(latencies, 0)
+    shift = rnd % len(servers)
+    order = servers[shift:] + servers[:shift]  # who goes first rotates every round
+    for k in range(slices):
+        for server in order if k % 2 == 0 else list(reversed(order)):
+            got, failed, _ = asyncio.run(closed_loop(server.url + ROUTES[server.name], bodies, clients,
+                                                     duration_s / slices, warmup_s))
+            latencies[server.label] += got
+            errors[server.label] += failed
+    cells = []
+    for server in servers:
+        ordered = sorted(latencies[server.label]) or [float("nan")]
+        cells.append(Cell(server=server.label, clients=clients, round=rnd, requests=len(latencies[server.label]),
+                          wall_s=duration_s, p50_ms=1000 * statistics.median(ordered),
+                          p90_ms=1000 * ordered[int(0.9 * (len(ordered) - 1))], errors=errors[server.label]))
+    return cells
 
 
 def answers(server: Server, bodies: list[dict[str, Any]]) -> list[str]:
@@ -346,11 +361,9 @@ def run_peers(args: argparse.Namespace) -> Report:
         report.identical_answers = len({tuple(a) for a in report.answers.values()}) == 1
         for rnd in range(args.rounds):
             for clients in clients_list:
-                shift = rnd % len(servers)
-                for server in servers[shift:] + servers[:shift]:  # the order rotates every round
-                    cell = measure(server, bodies, clients, rnd, args.duration, args.warmup)
+                for cell in measure_cell(servers, bodies, clients, rnd, args.duration, args.warmup, args.slices):
                     cells.append(cell)
-                    print(f"round {rnd} clients {clients:>2} {server.label:<10} {cell.rps:7.1f} req/s "
+                    print(f"round {rnd} clients {clients:>2} {cell.server:<24} {cell.rps:7.1f} req/s "
                           f"p50 {cell.p50_ms:6.1f} ms", file=sys.stderr, flush=True)
     report.load_after = _load()
     report.cells = [{**asdict(c), "rps": c.rps} for c in cells]
@@ -382,11 +395,9 @@ def run_cotenant(args: argparse.Namespace) -> Report:
         time.sleep(0.5)
         for rnd in range(args.rounds):
             for clients in clients_list:
-                shift = rnd % len(servers)
-                for server in servers[shift:] + servers[:shift]:
-                    cell = measure(server, bodies, clients, rnd, args.duration, args.warmup)
+                for cell in measure_cell(servers, bodies, clients, rnd, args.duration, args.warmup, args.slices):
                     cells.append(cell)
-                    print(f"round {rnd} clients {clients:>2} {server.label:<24} {cell.rps:7.1f} req/s "
+                    print(f"round {rnd} clients {clients:>2} {cell.server:<24} {cell.rps:7.1f} req/s "
                           f"p50 {cell.p50_ms:6.1f} ms", file=sys.stderr, flush=True)
     report.load_after = _load()
     report.cells = [{**asdict(c), "rps": c.rps} for c in cells]
@@ -404,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per cell")
-    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each cell")
+    parser.add_argument("--warmup", type=float, default=0.3, help="unmeasured seconds before each slice")
+    parser.add_argument("--slices", type=int, default=4, help="turns per server and cell, alternating")
     parser.add_argument("--requests", type=int, default=16, help="distinct requests, cycled")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every server (0: theirs)")
