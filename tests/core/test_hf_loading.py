@@ -32,7 +32,9 @@ from eas.model.fold import fold_model
 from eas.model.loading import load_model
 from eas.model.persistence import load_converted, save_converted, upgrade_format
 from eas.model.plan import SkipPlan
+from eas.zoo.families import FAMILIES
 from tests.core.helpers import converted_llava, llava_batch
+from tests.core.test_family_exactness import converted_family, family_batch
 from tests.core.test_stock_generate import converted_qwen2vl
 
 SHIPPED = Path(model_store.__file__).resolve().parent / "embedded" / "easy-vqa-llava-eas"
@@ -67,7 +69,7 @@ def _family(name: str, merged: bool):
                                      else Qwen2VLForConditionalGeneration)
 
 
-@pytest.mark.parametrize(("name", "merged"), [("llava", False), ("llava", True), ("qwen2vl", True)])
+@pytest.mark.parametrize(("name", "merged"), [("llava", False), ("qwen2vl", True)])  # folded: every family below
 def test_trust_remote_code_loads_the_exact_model(tmp_path: Path, name: str, merged: bool) -> None:
     model, processor, batch, _ = _family(name, merged)
     save_converted(model, tmp_path, processor)
@@ -190,3 +192,16 @@ def test_a_recorded_token_reduction_is_reinstalled(tmp_path: Path) -> None:
     assert torch.equal(_logits(loaded, batch), _logits(model, batch))
     ids = dict(max_new_tokens=5, do_sample=False)
     assert torch.equal(loaded.generate(**batch, **ids), model.generate(**batch, **ids))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_supported_family_loads_exactly_in_plain_transformers(tmp_path: Path, name: str) -> None:
+    model, processor = converted_family(name)
+    fold_model(model)
+    batch = family_batch(processor)
+    save_converted(model, tmp_path, processor if hasattr(processor, "save_pretrained") else None)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded) is type(model)
+    assert (_logits(loaded, batch) - _logits(model, batch)).abs().max() <= 1e-5
+    options = dict(max_new_tokens=3, do_sample=False)
+    assert torch.equal(loaded.generate(**batch, **options), model.generate(**batch, **options))
