@@ -61,7 +61,7 @@ class LoadedModel:
                     padded.append(torch.cat([pad, v] if left else [v, pad], dim=1))
                 data[key] = torch.cat(padded, dim=0)
             else:
-                data[key] = torch.cat(values, dim=0)
+                data[key] = _cat_padding_images(values)
         batch = BatchFeature(data).to(self.device)
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
@@ -101,6 +101,17 @@ class LoadedModel:
     def answer(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 8) -> list[str]:
         """Answers for a batch of (image, question) pairs, in order."""
         return self.decode(self.generate_ids(self.prepare(images, questions), max_new_tokens))
+
+
+def _cat_padding_images(values: list) -> torch.Tensor:
+    """Concatenate along dim 0; per-image tensors with a different number of tiles/patches in dim 1
+    ([1, patches, C, H, W]: LLaVA-NeXT and LLaVA-OneVision "anyres", Idefics3 splits) are first zero-padded
+    to the largest, as their processors pad a batch (the models drop the padding by image size or by
+    all-zero tiles)."""
+    if all(isinstance(v, torch.Tensor) and v.dim() >= 3 for v in values) and len({v.shape[1] for v in values}) > 1:
+        most = max(v.shape[1] for v in values)
+        values = [torch.cat([v, v.new_zeros((v.shape[0], most - v.shape[1], *v.shape[2:]))], dim=1) for v in values]
+    return torch.cat(values, dim=0)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

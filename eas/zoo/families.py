@@ -135,7 +135,10 @@ def _paligemma(seed: int):
     config = PaliGemmaConfig(vision_config=dict(model_type="siglip_vision_model", projection_dim=64, **SIGLIP),
                              text_config=dict(model_type="gemma", hidden_activation="gelu_pytorch_tanh", **TEXT),
                              image_token_index=tok.image_token_id, projection_dim=64, hidden_size=64,
-                             vocab_size=VOCAB, pad_token_id=PAD_ID)
+                             vocab_size=VOCAB, pad_token_id=PAD_ID,
+                             # untied: with tied, sqrt(d)-scaled embeddings a random tiny Gemma only repeats
+                             # its last token ("\n", which decodes to an empty answer)
+                             tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config)
     image_processor = SiglipImageProcessorPil(size={"height": IMAGE, "width": IMAGE})
@@ -359,4 +362,10 @@ def build_family(name: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMi
         raise KeyError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
     model, processor = FAMILIES[name].builder(seed)
     processor.tokenizer.padding_side = "left"
-    return _finish(model), processor
+    model = _finish(model)
+    # A random model may "generate" an image placeholder, which the next cache-free step would read as an
+    # image without features: only EOS among the special tokens may be generated.
+    specials = set(processor.tokenizer.all_special_ids) | set(processor.tokenizer.convert_tokens_to_ids(
+        list(processor.tokenizer.get_added_vocab())))
+    model.generation_config.suppress_tokens = sorted(specials - {EOS_ID})
+    return model, processor
