@@ -288,8 +288,16 @@ def generate(model: PreTrainedModel, batch: BatchFeature | dict, max_new_tokens:
     model's own recorded plan is authoritative."""
     defaults = RowOptions(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
                           stop=tuple(stop), stop_token_ids=tuple(stop_token_ids))
-    out, _ = _run(model, batch, max_new_tokens, rows=rows, defaults=defaults, tokenizer=tokenizer,
-                  on_step=on_step, control=False, kwargs=dict(kwargs))
+    out, controller = _run(model, batch, max_new_tokens, rows=rows, defaults=defaults, tokenizer=tokenizer,
+                           on_step=on_step, control=False, kwargs=dict(kwargs))
+    if controller is not None:
+        # transformers pads finished rows only when the model has an EOS id; pad what a row made after its end.
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        config = kwargs.get("generation_config") or model.generation_config
+        pad = kwargs.get("pad_token_id", getattr(config, "pad_token_id", None))
+        pad = 0 if pad is None else int(pad if not isinstance(pad, list | tuple) else pad[0])
+        for i, row in enumerate(controller.rows):
+            sequences[i, controller.prompt_len + len(row.tokens):] = pad
     return out
 
 

@@ -136,3 +136,16 @@ def test_bad_options_are_refused(llava, options, match) -> None:
     model, _, batch = llava
     with pytest.raises(ValueError, match=match):
         generate(model, batch, max_new_tokens=2, **options)
+
+
+def test_generate_pads_a_row_after_its_end_even_without_an_eos_id(llava) -> None:
+    model, _, batch = llava
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None  # transformers then never pads finished rows itself
+    try:
+        ids = _new(generate(model, batch, max_new_tokens=NEW, rows=[RowOptions(max_new_tokens=2), RowOptions()]),
+                   batch)
+    finally:
+        model.generation_config.eos_token_id = eos
+    pad = model.generation_config.pad_token_id
+    assert ids.shape[1] == NEW and (ids[0, 2:] == pad).all() and not (ids[1] == pad).all()
