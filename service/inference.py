@@ -16,7 +16,7 @@ from fastapi import Request
 
 from service.batching.batcher import Batcher
 from service.batching.work import GREEDY, Completed, Generation, Sampling, TokenSink, WorkItem
-from service.errors import ClientDisconnected, DeadlineExceeded, ServiceUnavailable
+from service.errors import ClientDisconnected, DeadlineExceeded, QueueFull, ServiceUnavailable
 from service.metrics import Metrics
 from service.runner.registry import ServedVariant
 from service.validation.images import ImageLimits
@@ -75,9 +75,12 @@ async def infer(
         # Decode, checks and the processor run in the bounded preprocessing pool (service/preprocess.py):
         # nothing request-sized on the event loop, only the model on the batch worker.
         service = request.app.state.service
-        prepared = await service.preprocessor.prepare(
-            served.runner.model, image_bytes, question, limits=limits,
-            max_prompt_tokens=service.settings.max_prompt_tokens, deadline=deadline)
+        try:
+            prepared = await service.preprocessor.prepare(
+                served.runner.model, image_bytes, question, limits=limits,
+                max_prompt_tokens=service.settings.max_prompt_tokens, deadline=deadline)
+        except DeadlineExceeded:
+            raise _starved(request) from None  # admitted, then waited out its deadline before decoding
         decode_s = prepared.decode_s + prepared.processor_s
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed while its image was decoded")
@@ -142,12 +145,14 @@ async def _wait_for_result(request: Request, batcher: Batcher, item: WorkItem, m
 def _starved(request: Request) -> Exception:
     """A request admitted and then never started before its deadline. With the client's own deadline
     (X-Request-Deadline-Ms) that is its 504; with the server's default it means overload, which is
-    answered like a full queue: 503 with Retry-After, never a 504 for work the server took on (issue 17)."""
+    answered like a full queue: 429 (or 503, Settings.queue_full_status) with Retry-After, never a 504 for
+    work the server took on (issue 17)."""
     if request.headers.get(DEADLINE_HEADER) is not None:
         return DeadlineExceeded("the request's deadline passed while it was queued")
-    retry_after = str(request.app.state.settings.retry_after_s)
-    return ServiceUnavailable("the server is overloaded: the request waited its whole deadline in the queue; "
-                              "retry later", code="overloaded", headers={"Retry-After": retry_after})
+    settings = request.app.state.settings
+    error = QueueFull if settings.queue_full_status == 429 else ServiceUnavailable  # as for a full queue
+    return error("the server is overloaded: the request waited its whole deadline in the queue; retry later",
+                 code="overloaded", headers={"Retry-After": str(settings.retry_after_s)})
 
 
 async def _client_disconnected(request: Request) -> None:

@@ -94,7 +94,7 @@ class Service:
                                                      max_png_ancillary_bytes=settings.max_png_ancillary_bytes)
         # Image decode and the processor, per request, off the event loop and the batch workers.
         self.preprocessor = Preprocessor(settings.preprocess_threads, settings.max_decode_bytes,
-                                         settings.retry_after_s)
+                                         settings.retry_after_s, refusal_status=settings.queue_full_status)
         self.phase = Phase.LOADING
         self.started_unix = int(time.time())
         self.error: str | None = None

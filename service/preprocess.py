@@ -14,12 +14,16 @@ reduced image) and its cost is known in tokens, so
 Threads, not processes: Pillow's decoders and resizers and the Rust tokenizer release the GIL for their
 heavy parts, the processor objects are not cheap to copy into other processes, and what comes back
 (tensors) would have to be pickled. The pool has `Settings.preprocess_threads` threads; decoded pixels in
-flight are bounded by `Settings.max_decode_bytes` (503 with Retry-After past it).
+flight are bounded by `Settings.max_decode_bytes` (503 with Retry-After past it). Images over
+LARGE_PIXELS are decoded in a lane of their own, one at a time with at most LARGE_WAITING waiting (503 with
+Retry-After past that), so ordinary requests never wait behind a flood of the largest allowed images.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +33,7 @@ from typing import Any
 from PIL import Image
 
 from eas.model.loading import LoadedModel
-from service.errors import DeadlineExceeded, ServiceUnavailable, ValidationFailed
+from service.errors import DeadlineExceeded, QueueFull, ServiceError, ServiceUnavailable, ValidationFailed
 from service.validation.images import ImageLimits, ModelInputSize, decode_for_model, open_image
 
 
@@ -64,17 +68,53 @@ class DecodeBudget:
             self.used -= amount
 
 
+# Images above this many pixels go through their own lane (one thread, a short waiting line), so a flood of
+# the largest allowed images never queues ordinary requests behind them (issue 17, M1).
+LARGE_PIXELS = 1024 * 1024
+LARGE_WAITING = 4
+
+
 class Preprocessor:
-    def __init__(self, threads: int, max_decode_bytes: int, retry_after_s: int) -> None:
+    def __init__(self, threads: int, max_decode_bytes: int, retry_after_s: int, *, refusal_status: int = 429,
+                 large_pixels: int = LARGE_PIXELS, large_waiting: int = LARGE_WAITING) -> None:
+        self.refusal_status = refusal_status  # as for a full queue (Settings.queue_full_status)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
+        self._large = ThreadPoolExecutor(1, thread_name_prefix="preprocess-large")
+        self.large_pixels = large_pixels
+        self.large_waiting = large_waiting
+        self._large_count = 0  # large images waiting or decoding; only touched on the event loop
         self.budget = DecodeBudget(max_decode_bytes)
         self.retry_after_s = retry_after_s
 
     async def prepare(self, model: LoadedModel, data: bytes, question: str, *, limits: ImageLimits,
                       max_prompt_tokens: int, deadline: float) -> Prepared:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._prepare, model, data, question, limits,
-                                          max_prompt_tokens, deadline)
+        # The header first (in the pool: a PNG's chunk walk is bounded, not free), to pick the lane.
+        width, height = await loop.run_in_executor(self._pool, _header_size, data, limits)
+        args = (model, data, question, limits, max_prompt_tokens, deadline)
+        if width * height <= self.large_pixels:
+            return await loop.run_in_executor(self._pool, self._prepare, *args)
+        if self._large_count >= self.large_waiting:
+            raise self._overloaded("large images")
+        self._large_count += 1
+        try:
+            return await loop.run_in_executor(self._large, self._prepare_large, *args)
+        finally:
+            self._large_count -= 1
+
+    def _prepare_large(self, *args: Any) -> Prepared:
+        try:
+            return self._prepare(*args)
+        finally:
+            # A large decode leaves tens of MiB of freed heap in this thread's malloc arena; give it back
+            # so the process's memory returns to where it was once a flood of large images is over.
+            _trim_heap()
+
+    def _overloaded(self, what: str) -> ServiceError:
+        """Refused like a full queue: 429 (or 503, Settings.queue_full_status) with Retry-After."""
+        error = QueueFull if self.refusal_status == 429 else ServiceUnavailable
+        return error(f"the server is decoding too many {what}; retry later", code="overloaded",
+                     headers={"Retry-After": str(self.retry_after_s)})
 
     def _prepare(self, model: LoadedModel, data: bytes, question: str, limits: ImageLimits,
                  max_prompt_tokens: int, deadline: float) -> Prepared:
@@ -85,8 +125,7 @@ class Preprocessor:
         width, height = header.size
         cost = width * height * max(len(header.getbands()), 3)
         if not self.budget.try_take(cost):
-            raise ServiceUnavailable("the server is decoding too many large images; retry later",
-                                     code="overloaded", headers={"Retry-After": str(self.retry_after_s)})
+            raise self._overloaded("large images")
         try:
             processor = getattr(model.processor, "image_processor", None)
             image = decode_for_model(data, limits, ModelInputSize.of(processor))
@@ -104,3 +143,24 @@ class Preprocessor:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._large.shutdown(wait=False, cancel_futures=True)
+
+
+def _trim_heap() -> None:
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc only
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _header_size(data: bytes, limits: ImageLimits) -> tuple[int, int]:
+    return open_image(data, limits).size

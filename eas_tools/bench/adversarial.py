@@ -3,10 +3,10 @@
     python -m eas_tools.bench.adversarial --seconds 10 --json-out runs/adversarial.json
 
 A server (`serve` below: create_app + the connection limits of service/server.py, default Settings) runs
-in its own process on 127.0.0.1, serving a tiny LLaVA (eas.zoo.llava, seeded) as `baseline`. This process
-drives it: 8 normal clients in a closed loop (`POST /v1/answer`, a small PNG and a short question) and a
-`/health/live` probe every 50 ms, first with no attacker, then beside one attacker of each kind for
-`--seconds` each:
+in its own process on 127.0.0.1, serving a tiny LLaVA (eas.zoo.llava, seeded) as `baseline`. Each attacker
+runs in a process of its own (`--attack`); this process drives the rest: 8 normal clients in a closed
+loop (`POST /v1/answer`, a small PNG and a short question) and a `/health/live` probe every 50 ms, first
+with no attacker, then beside one attacker of each kind for `--seconds` each:
 
 - long_token: a 1,000-emoji question (under the character limit, ~4,000 byte-level tokens);
 - png_chunk_bomb: a ~12 MB PNG of 1,000,000 empty chunks;
@@ -243,14 +243,30 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def attack_for(url: str, kind: str, seconds: float) -> dict[int, int]:
+    """The attacker process: one kind for `seconds`, then the statuses it got."""
+    tally, stop = Tally(), asyncio.Event()
+    attack = attacker(kind)
+    assert attack is not None
+    task = asyncio.create_task(attack(url, tally, stop))
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.wait([task], timeout=30)
+    task.cancel()
+    return tally.statuses
+
+
 async def run_kind(url: str, kind: str, seconds: float, server: psutil.Process) -> dict[str, Any]:
     rss_before = server.memory_info().rss
     tally, stop = Tally(), asyncio.Event()
-    attack = attacker(kind)
+    # The attacker runs in its own process, so its client-side work never delays this process's probe.
+    attack = None if kind == "none" else await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eas_tools.bench.adversarial", "--attack", kind, "--url", url,
+        "--seconds", str(seconds), stdout=asyncio.subprocess.PIPE)
+    if attack is not None:
+        await asyncio.sleep(0.5)  # its payload is built before it starts sending
     tasks = [asyncio.create_task(normal_client(url, tally, stop)) for _ in range(NORMAL_CLIENTS)]
     tasks.append(asyncio.create_task(probe(url, tally, stop)))
-    if attack is not None:
-        tasks.append(asyncio.create_task(attack(url, tally, stop)))
     peak = rss_before
     started = time.monotonic()
     while time.monotonic() - started < seconds:
@@ -260,6 +276,10 @@ async def run_kind(url: str, kind: str, seconds: float, server: psutil.Process) 
     await asyncio.wait(tasks, timeout=30)
     for task in tasks:
         task.cancel()
+    if attack is not None:
+        out, _ = await attack.communicate()
+        for status, count in json.loads(out.decode().strip().splitlines()[-1]).items():
+            tally.statuses[int(status)] = tally.statuses.get(int(status), 0) + count
     await asyncio.sleep(3.0)  # settle before reading memory again
     rss_after = server.memory_info().rss
     return {"kind": kind, "seconds": seconds, "normal_per_s": tally.normal_ok / seconds,
@@ -304,9 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the server process (internal)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--attack", choices=KINDS[1:], help=argparse.SUPPRESS)  # an attacker process (internal)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is not None:
         serve(args.serve, args.port)
+        return 0
+    if args.attack is not None:
+        if not args.url.startswith(f"http://{HOST}:"):
+            parser.error("attacks go to loopback only")
+        statuses = asyncio.run(attack_for(args.url, args.attack, args.seconds))
+        print(json.dumps({str(k): v for k, v in statuses.items()}), flush=True)
         return 0
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = sorted(set(kinds) - set(KINDS))

@@ -142,12 +142,12 @@ def test_decoded_memory_in_flight_is_bounded() -> None:
 
 
 @pytest.mark.anyio
-async def test_decode_memory_full_is_503_with_retry_after(model_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_decode_memory_full_is_refused_with_retry_after(model_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
     async with running_app(make_settings(model_dirs)) as (app, client):
         app.state.service.preprocessor.budget.used = 1  # someone else holds decoded pixels...
         app.state.service.preprocessor.budget.limit = 2  # ...and nothing more fits
         response = await client.post("/v1/answer", **multipart(image_bytes(), Q))
-        assert_error(response, 503, "overloaded")
+        assert_error(response, 429, "overloaded")
         assert response.headers["retry-after"]
         app.state.service.preprocessor.budget.used = 0
         app.state.service.preprocessor.budget.limit = 1 << 30
@@ -156,7 +156,7 @@ async def test_decode_memory_full_is_503_with_retry_after(model_dirs, monkeypatc
 
 
 @pytest.mark.anyio
-async def test_admitted_then_starved_is_503_with_retry_after_not_504(model_dirs) -> None:
+async def test_admitted_then_starved_is_429_with_retry_after_not_504(model_dirs) -> None:
     from tests.service.conftest import Gate
 
     gate = Gate()
@@ -168,8 +168,32 @@ async def test_admitted_then_starved_is_503_with_retry_after_not_504(model_dirs)
             running = asyncio.ensure_future(client.post("/v1/answer", **multipart(image_bytes(), Q)))
             await asyncio.to_thread(gate.started.wait, 10)
             starved = await client.post("/v1/answer", **multipart(image_bytes(), Q))  # the server's own deadline
-            assert_error(starved, 503, "overloaded")
+            assert_error(starved, 429, "overloaded")
             assert starved.headers["retry-after"]
         finally:
             gate.open()
         await running
+
+
+@pytest.mark.anyio
+async def test_large_images_have_their_own_short_lane(model_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[str] = []
+    original = preprocess.decode_for_model
+
+    def recording(*args: Any) -> Image.Image:
+        threads.append(threading.current_thread().name)
+        return original(*args)
+
+    monkeypatch.setattr(preprocess, "decode_for_model", recording)
+    big = _png((1500, 1500))
+    async with running_app(make_settings(model_dirs, baseline_path=None)) as (app, client):
+        assert (await client.post("/v1/answer", **multipart(big, Q))).status_code == 200
+        assert (await client.post("/v1/answer", **multipart(image_bytes(), Q))).status_code == 200
+        assert threads[0].startswith("preprocess-large") and not threads[1].startswith("preprocess-large")
+        pre = app.state.service.preprocessor
+        pre._large_count = pre.large_waiting  # the large lane's line is full...
+        full = await client.post("/v1/answer", **multipart(big, Q))
+        assert_error(full, 429, "overloaded")
+        assert full.headers["retry-after"]
+        assert (await client.post("/v1/answer", **multipart(image_bytes(), Q))).status_code == 200  # ...not theirs
+        pre._large_count = 0
