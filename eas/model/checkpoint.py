@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 
 from eas.model.arch import UnsupportedModelError, locate_decoder
 from eas.model.convert import stored_conversion
 from eas.model.persistence import quiet_transformers
+from eas.model.processors import load_processor
 from eas.model.prompting import build_prompt
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -107,8 +108,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 def _read_config(path: Path) -> PretrainedConfig:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: config.json is missing (not a save_pretrained directory)")
+    from eas.model.artefact import is_eas_directory
+
+    if is_eas_directory(path):  # format 2 (docs/eas-core.md): named before AutoConfig asks for remote code
+        raise CheckpointError(f"{path}: already EAS-converted (an EAS model directory); import the unskipped "
+                              "source model and convert that")
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)  # an import never runs its code
     except (ValueError, OSError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: config.json cannot be read: {_one_line(exc)}") from exc
 
@@ -194,7 +200,7 @@ def _load_processor(path: Path):
                               "processor with processor.save_pretrained")
     try:
         with quiet_transformers():
-            processor = AutoProcessor.from_pretrained(path)
+            processor = load_processor(path)  # the loader's own: works without torchvision video processors
     except Exception as exc:  # missing or malformed processor files surface as many exception types
         raise CheckpointError(f"{path}: processor cannot be loaded with AutoProcessor: {_one_line(exc)}") from exc
     # Without a processor config AutoProcessor falls back to a bare tokenizer (or image processor).

@@ -26,13 +26,12 @@ import torch
 from PIL import Image
 
 from eas.manifest import write_manifest
+from eas.model.checkpoint import check_checkpoint
 from eas.model.loading import LoadedModel, load_model
 from eas.zoo.families import FAMILIES, build_family
 from model_store import ModelStore
 from tests.service.conftest import image_bytes, multipart, running_app
 from tests.service.test_admin import AUTH, FAST, store_settings, wait_job
-
-pytestmark = pytest.mark.anyio
 
 SERVED = [name for name, family in FAMILIES.items() if family.not_servable is None]
 CONVERTED_OVER_HTTP = ["qwen2-vl", "gemma3"]
@@ -87,6 +86,7 @@ async def _answers(client, png: bytes) -> dict[str, str]:
             "chat": chat.json()["choices"][0]["message"]["content"]}
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("name", SERVED)
 async def test_family_is_served_as_in_process(name: str, tmp_path: Path) -> None:
     store = _store(tmp_path, name)
@@ -106,6 +106,18 @@ async def test_family_is_served_as_in_process(name: str, tmp_path: Path) -> None
         assert [r.json()["answer"] for r in together] == wants, name
 
 
+@pytest.mark.parametrize("name", SERVED)
+def test_family_directory_passes_the_import_check(name: str, tmp_path: Path) -> None:
+    """What `POST /admin/models/{name}/versions` runs before importing a directory: the decoder is found
+    (structure only, on a meta-device skeleton) and the processor loads, torchvision-free."""
+    model, processor = build_family(name, seed=1)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    info = check_checkpoint(tmp_path)
+    assert info.num_layers == 4 and info.processor_class == type(processor).__name__
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("name", CONVERTED_OVER_HTTP)
 async def test_family_converts_over_admin_and_is_hot_activated(name: str, tmp_path: Path, shapes_jsonl: Path) -> None:
     store = _store(tmp_path, name)
