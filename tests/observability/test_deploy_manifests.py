@@ -110,6 +110,20 @@ def test_compose_gpu_override_reserves_a_gpu() -> None:
     assert override["services"]["eas"]["build"]["target"] == "gpu"
 
 
+def test_compose_cluster_override_shares_one_postgresql_registry(compose: dict[str, Any]) -> None:
+    cluster = yaml.safe_load((DEPLOY / "docker-compose.cluster.yml").read_text())["services"]
+    database = cluster["postgres"]["environment"]
+    for name in ("eas", "eas-replica"):
+        url = cluster[name]["environment"]["EAS_REGISTRY_URL"]
+        assert url.startswith("postgresql+psycopg://") and "@postgres:5432/" in url, name
+        assert url.endswith("/" + database["POSTGRES_DB"]) and f"//{database['POSTGRES_USER']}:" in url, name
+    # The replica reads the first one's artefact volume, read-only, and is built from the same image.
+    (mount,) = cluster["eas-replica"]["volumes"]
+    assert mount == "model-store:/data/store:ro" and "model-store" in compose["volumes"]
+    assert cluster["eas-replica"]["image"] == compose["services"]["eas"]["image"]
+    assert cluster["eas-replica"]["ports"] != compose["services"]["eas"]["ports"]
+
+
 # --- kubernetes ---------------------------------------------------------------------------------------
 
 
