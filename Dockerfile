@@ -63,7 +63,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
     EAS_MODEL_STORE=/data/store \
     EAS_DEVICE=cuda
-RUN useradd --create-home --uid 10001 eas && mkdir -p /data/store && chown -R eas /data
+RUN groupadd --gid 10001 eas && useradd --create-home --uid 10001 --gid 10001 eas && mkdir -p /data/store && chown -R 10001:10001 /data
 LABEL org.opencontainers.image.title="eas-serve" \
       org.opencontainers.image.description="VLM serving with EAS attention skipping beside its baseline (GPU, CUDA 13.0)"
 USER 10001:10001
@@ -84,7 +84,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
     EAS_MODEL_STORE=/data/store
-RUN useradd --create-home --uid 10001 eas && mkdir -p /data/store && chown -R eas /data
+RUN groupadd --gid 10001 eas && useradd --create-home --uid 10001 --gid 10001 eas && mkdir -p /data/store && chown -R 10001:10001 /data
 LABEL org.opencontainers.image.title="eas-serve" \
       org.opencontainers.image.description="VLM serving with EAS attention skipping beside its baseline (CPU)"
 USER 10001:10001
