@@ -60,6 +60,15 @@ def is_eas_config(config: dict[str, Any]) -> bool:
     return config.get("model_type") == MODEL_TYPE
 
 
+def is_eas_directory(path: str | Path) -> bool:
+    """Whether `path/config.json` is a format-2 EAS config (False when it is absent or unreadable)."""
+    try:
+        config = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and is_eas_config(config)
+
+
 def to_disk_config(stock: dict[str, Any]) -> dict[str, Any]:
     """The format-2 config.json of a converted model from its stock config dict."""
     out = {k: v for k, v in stock.items() if k not in ("model_type", "architectures", "auto_map")}

@@ -157,7 +157,9 @@ def load_model(
 
         apply_stored_reduction(model, path)
     else:
-        model, plan = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32), None
+        # trust_remote_code=False: the service never runs code shipped in a model directory.
+        model, plan = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
+                                                                  trust_remote_code=False), None
     model = model.to(device=dev, dtype=dt).eval()
     from eas.model.processors import load_processor  # AutoProcessor, or without torchvision's video processors
 

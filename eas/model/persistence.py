@@ -67,7 +67,7 @@ def _read_config(path: Path) -> tuple[Any, str | None]:
         if isinstance(raw, dict) and is_eas_config(raw):
             with quiet_transformers():
                 return stock_config(from_disk_config(raw)), WEIGHTS_VARIANT
-        return AutoConfig.from_pretrained(path), None
+        return AutoConfig.from_pretrained(path, trust_remote_code=False), None  # never run a directory's code
     except (ValueError, OSError, json.JSONDecodeError) as exc:
         raise ModelFilesError(f"{path}: config.json is unreadable ({exc})") from exc
 

@@ -205,3 +205,25 @@ def test_every_supported_family_loads_exactly_in_plain_transformers(tmp_path: Pa
     assert (_logits(loaded, batch) - _logits(model, batch)).abs().max() <= 1e-5
     options = dict(max_new_tokens=3, do_sample=False)
     assert torch.equal(loaded.generate(**batch, **options), model.generate(**batch, **options))
+
+
+def test_the_project_never_runs_a_directorys_code(tmp_path: Path) -> None:
+    """load_model and the import check read EAS directories themselves and refuse any other remote code
+    without running it (and without transformers' interactive prompt)."""
+    from eas.manifest import ModelFilesError
+    from eas.model.checkpoint import CheckpointError, check_checkpoint
+
+    model, processor = converted_llava((1, 3))
+    save_converted(model, tmp_path / "eas", processor)
+    with pytest.raises(CheckpointError, match="already EAS-converted"):
+        check_checkpoint(tmp_path / "eas")
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "ran"
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (evil / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.Config"}}))
+    with pytest.raises(ModelFilesError, match="contains custom code"):
+        load_model(evil, device="cpu", verify=False)
+    with pytest.raises(CheckpointError, match="contains custom code"):
+        check_checkpoint(evil)
+    assert not marker.exists()
