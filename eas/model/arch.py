@@ -159,6 +159,8 @@ def _refusal_reason(layer: nn.Module, names: set[str]) -> str:
         return "its FFN fuses gate and up into one gate_up_proj; the fold is implemented for separate gate/up"
     if not names & {"self_attn", "attention", "attn", "self_attention"}:
         return "it has no self-attention sub-layer (a recurrent, convolutional or linear-attention block)"
+    if {"w1", "w2", "w3"} <= mlp_names:
+        return "its FFN names its projections w1/w2/w3; the fold is implemented for gate_proj/up_proj/down_proj"
     if (mlp_names and not mlp_names >= {"gate_proj", "up_proj", "down_proj"}) or {"fc1", "fc2"} <= names:
         return "its FFN is not gated (gate/up/down): only a gated FFN can absorb a PIA"
     if "input_layernorm" not in names:
