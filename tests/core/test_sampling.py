@@ -130,7 +130,7 @@ def test_stream_safe_holds_back_possible_stop_prefixes() -> None:
 
 @pytest.mark.parametrize("options,match", [
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(do_sample=True, num_beams=2), "beam"),
+    (dict(do_sample=True, num_beams=2), "beam"), (dict(do_sample=True, seed=2**64), "seed"),
 ])
 def test_bad_options_are_refused(llava, options, match) -> None:
     model, _, batch = llava
