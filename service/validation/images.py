@@ -62,13 +62,20 @@ class ModelInputSize:
     @classmethod
     def of(cls, image_processor: Any) -> ModelInputSize | None:
         size, crop = getattr(image_processor, "size", None), getattr(image_processor, "crop_size", None)
-        if not getattr(image_processor, "do_center_crop", False) or not isinstance(crop, dict):
+        if not getattr(image_processor, "do_center_crop", False) or crop is None:
             return None
-        short = size.get("shortest_edge") if isinstance(size, dict) else None
-        width, height = crop.get("width"), crop.get("height")
+        short = _field(size, "shortest_edge")
+        width, height = _field(crop, "width"), _field(crop, "height")
         if not (isinstance(short, int) and isinstance(width, int) and isinstance(height, int)):
             return None
         return cls(short, (width, height))
+
+
+def _field(value: Any, name: str) -> Any:
+    """A size entry from a plain dict or transformers' SizeDict (attributes)."""
+    if isinstance(value, dict):
+        return value.get(name)
+    return getattr(value, name, None)
 
 
 def public_detail(exc: BaseException) -> str:

@@ -197,3 +197,10 @@ async def test_large_images_have_their_own_short_lane(model_dirs, monkeypatch: p
         assert full.headers["retry-after"]
         assert (await client.post("/v1/answer", **multipart(image_bytes(), Q))).status_code == 200  # ...not theirs
         pre._large_count = 0
+
+
+def test_the_served_processor_s_input_size_is_known() -> None:
+    from eas.zoo.llava import build_llava
+
+    _, processor = build_llava(seed=0)
+    assert ModelInputSize.of(processor.image_processor) == ModelInputSize(short=32, crop=(32, 32))
