@@ -3,6 +3,7 @@ with multiprocessing's spawn, which pickles the API object, so its class must be
 litserve, a dev-only dependency, is imported only where this server runs). No `from __future__ import
 annotations` here: LitServe reads `decode_request`'s annotation at run time to build its request body."""
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,16 @@ class PeerApi(ls.LitAPI):
 
         return decode_body(request)
 
-    def predict(self, batch: Any) -> list[str]:
+    def predict(self, batch: Any) -> list[tuple[str, float]]:
         rows = batch if isinstance(batch, list) else [batch]  # max batch 1: LitServe passes the item itself
-        return self.model.answer([r[0] for r in rows], [r[1] for r in rows], max(r[2] for r in rows))
+        start = time.perf_counter()
+        answers = self.model.answer([r[0] for r in rows], [r[1] for r in rows], max(r[2] for r in rows))
+        seconds = time.perf_counter() - start
+        return [(answer, seconds) for answer in answers]
 
-    def unbatch(self, output: list[str]) -> list[str]:
+    def unbatch(self, output: list[tuple[str, float]]) -> list[tuple[str, float]]:
         return output
 
-    def encode_response(self, output: Any) -> dict[str, str]:
-        return {"answer": output if isinstance(output, str) else output[0]}
+    def encode_response(self, output: Any) -> dict[str, Any]:
+        answer, seconds = output if isinstance(output, tuple) else output[0]
+        return {"answer": answer, "model_s": seconds}  # the model's time, as eas-serve's Server-Timing has it

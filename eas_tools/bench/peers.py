@@ -2,6 +2,7 @@
 
     python -m eas_tools.bench.peers                       # embedded demo model, 1/4/16 clients, 3 rounds
     python -m eas_tools.bench.peers --cotenant            # eas-serve's thread choice beside a busy neighbour
+    python -m eas_tools.bench.peers --cpu                 # one client: wall and server CPU per request
 
 Each server runs in its own process with the same torch thread count (`--threads`, default 1), loads the
 same directory with `eas.model.loading.load_model` (eas-serve through its own loader, which ends there) and
@@ -51,6 +52,7 @@ HEALTH = {"eas-serve": "/health/ready", "litserve": "/health", "naive": "/health
 COLOURS = [(200, 30, 30), (30, 160, 30), (30, 30, 200), (220, 200, 30), (120, 60, 160), (90, 90, 90),
            (0, 150, 150), (230, 120, 20)]
 OLD_THREADS = "EAS_BENCH_SKIP_CPU_SETUP"  # the server skips service/cpu.py's set-up (the old behaviour)
+SWITCH_INTERVAL = "EAS_BENCH_SWITCH_INTERVAL_MS"  # eas-serve@si=<ms>: sys.setswitchinterval in that server
 QUESTIONS = ["what colour is the shape?", "what shape is in the image?", "is there a circle?",
              "what is the colour of the shape?"]
 
@@ -88,6 +90,8 @@ def serve(name: str, port: int, model_dir: Path, *, max_batch: int, window_ms: f
 
 
 def _serve_eas(port: int, model_dir: Path, max_batch: int, window_ms: float) -> None:
+    if os.environ.get(SWITCH_INTERVAL):
+        sys.setswitchinterval(float(os.environ[SWITCH_INTERVAL]) / 1000.0)
     if not os.environ.get(OLD_THREADS):
         from service.cpu import prepare_process
 
@@ -165,7 +169,7 @@ class Server:
 
 
 @contextmanager
-def start_server(name: str, args: argparse.Namespace, *, label: str | None = None,
+def start_server(name: str, args: argparse.Namespace, label: str | None = None,
                  env: dict[str, str] | None = None):
     port = free_port()
     command = [sys.executable, "-m", "eas_tools.bench.peers", "_serve", name, "--port", str(port),
@@ -186,6 +190,16 @@ def start_server(name: str, args: argparse.Namespace, *, label: str | None = Non
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(5)
+
+
+def _variant(spec: str, args: argparse.Namespace) -> tuple[str, argparse.Namespace, str, dict[str, str]]:
+    """`eas-serve@si=0.5`: eas-serve with the interpreter's GIL switch interval at 0.5 ms (an experiment
+    knob; the label keeps the spec so both can run side by side)."""
+    name, _, extra = spec.partition("@")
+    env = thread_env(args.threads)
+    if extra.startswith("si="):
+        env[SWITCH_INTERVAL] = extra.removeprefix("si=")
+    return name, args, spec, env
 
 
 def thread_env(threads: int | None, policy: str | None = None) -> dict[str, str]:
@@ -355,7 +369,7 @@ def run_peers(args: argparse.Namespace) -> Report:
     report = Report(settings={k: str(v) for k, v in vars(args).items()}, load_before=_load())
     cells: list[Cell] = []
     with ExitStack() as stack:
-        servers = [stack.enter_context(start_server(name, args)) for name in args.servers.split(",")]
+        servers = [stack.enter_context(start_server(*_variant(name, args))) for name in args.servers.split(",")]
         for server in servers:
             report.answers[server.label] = answers(server, bodies)
         report.identical_answers = len({tuple(a) for a in report.answers.values()}) == 1
@@ -405,13 +419,46 @@ def run_cotenant(args: argparse.Namespace) -> Report:
     return report
 
 
+def run_cpu(args: argparse.Namespace) -> None:
+    """One client, requests one by one: wall time and the server's CPU time per request (its threads and
+    child processes, from psutil), each server in turn per round."""
+    import psutil
+
+    def cpu_s(pid: int) -> float:
+        total = 0.0
+        process = psutil.Process(pid)
+        for p in [process, *process.children(recursive=True)]:
+            with suppress(psutil.Error):
+                times = p.cpu_times()
+                total += times.user + times.system
+        return total
+
+    bodies = request_bodies(args.requests, args.max_new_tokens)
+    print(f"load average before {_load()}")
+    with ExitStack() as stack, httpx.Client(trust_env=False, timeout=120) as client:
+        servers = [stack.enter_context(start_server(*_variant(name, args))) for name in args.servers.split(",")]
+        for server in servers:
+            for body in bodies[:5]:  # warm
+                client.post(server.url + ROUTES[server.name], json=body)
+        for rnd in range(args.rounds):
+            for server in servers:
+                cpu0, wall0 = cpu_s(server.process.pid), time.perf_counter()
+                for i in range(40):
+                    client.post(server.url + ROUTES[server.name], json=bodies[i % len(bodies)])
+                wall, cpu = (time.perf_counter() - wall0) / 40, (cpu_s(server.process.pid) - cpu0) / 40
+                print(f"round {rnd} {server.label:<24} wall/request {1000 * wall:6.1f} ms, server CPU/request "
+                      f"{1000 * cpu:6.1f} ms")
+    print(f"load average after {_load()}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eas_tools.bench.peers", description=__doc__.split("\n")[0])
     parser.add_argument("command", nargs="?", default="bench", choices=["bench", "_serve"])
     parser.add_argument("name", nargs="?", choices=SERVERS)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model", type=Path, default=EMBEDDED)
-    parser.add_argument("--servers", default=",".join(SERVERS), help="eas-serve first: it is the reference")
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help="eas-serve first: it is the reference; eas-serve@si=<ms> sets its GIL switch interval")
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per cell")
@@ -424,11 +471,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window-ms", type=float, default=5.0, help="eas-serve's max batch wait")
     parser.add_argument("--litserve-timeout-ms", type=float, default=5.0, help="LitServe's batch_timeout")
     parser.add_argument("--cotenant", action="store_true", help="eas-serve's threads beside a busy neighbour")
+    parser.add_argument("--cpu", action="store_true", help="one client: wall and server CPU time per request")
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
     args = parser.parse_args(argv)
     if args.command == "_serve":
         serve(args.name, args.port, args.model, max_batch=args.max_batch, window_ms=args.window_ms,
               litserve_timeout_ms=args.litserve_timeout_ms)
+        return
+    if args.cpu:
+        run_cpu(args)
         return
     report = run_cotenant(args) if args.cotenant else run_peers(args)
     reference = "default" if args.cotenant else report.summary[0]["server"]
