@@ -10,6 +10,10 @@ one of the two block forms EAS can skip exactly (docs/eas-core.md, "Supported fa
 - `sandwich` (Gemma 2, Gemma 3): the same plus pre_feedforward_layernorm (the FFN's input norm) and
   post_feedforward_layernorm (on the FFN output); post_attention_layernorm normalises the attention
   *output* and disappears with the attention.
+- `sandwich (GLM)` (GLM-4V): the same block under GLM's names: post_self_attn_layernorm on the attention
+  output, post_attention_layernorm in front of the FFN, post_mlp_layernorm on its output.
+
+The FFN is gated, with separate gate_proj/up_proj or one fused gate_up_proj (gate rows first).
 
 A layer is accepted only if every one of its sub-modules is accounted for by its form, the FFN is
 gated (gate/up/down + activation) and, on a model with real weights, a numerical probe agrees: with
@@ -62,8 +66,50 @@ SANDWICH = BlockForm(
     ffn_out_norm="post_feedforward_layernorm",
     dropped=("self_attn", "post_attention_layernorm"),
 )
-FORMS = (PRE_NORM, SANDWICH)
-_MLP_CHILDREN = frozenset({"gate_proj", "up_proj", "down_proj", "act_fn"})
+# GLM-4V (and GLM-4.1V/4.5V-style decoders): a sandwich block under other names, with a fused gate/up FFN.
+GLM_SANDWICH = BlockForm(
+    name="sandwich (GLM)",
+    children=frozenset({"input_layernorm", "self_attn", "post_self_attn_layernorm", "post_attention_layernorm",
+                        "post_mlp_layernorm", "mlp"}),
+    ffn_norm="post_attention_layernorm",
+    ffn_out_norm="post_mlp_layernorm",
+    dropped=("self_attn", "post_self_attn_layernorm"),
+)
+FORMS = (PRE_NORM, SANDWICH, GLM_SANDWICH)
+# A gated FFN down(act(gate v) ⊙ up v), with separate gate/up projections or one fused gate_up_proj whose
+# first half of rows is the gate (transformers' `chunk(2)` order).
+_MLP_SPLIT = frozenset({"gate_proj", "up_proj", "down_proj", "act_fn"})
+_MLP_FUSED = frozenset({"gate_up_proj", "down_proj", "activation_fn"})
+
+
+def _mlp_names(mlp: nn.Module) -> set[str]:
+    names = {n for n, _ in mlp.named_children()}
+    return names | {n for n in ("act_fn", "activation_fn") if hasattr(mlp, n)}
+
+
+def gate_up_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up weight matrices of a gated FFN ([d_ff, d] each; views of gate_up_proj when fused, so
+    writing into them writes the fused weight)."""
+    if hasattr(mlp, "gate_up_proj"):
+        weight = mlp.gate_up_proj.weight
+        half = weight.shape[0] // 2
+        return weight[:half], weight[half:]
+    return mlp.gate_proj.weight, mlp.up_proj.weight
+
+
+def gated_ffn(mlp: nn.Module, x: torch.Tensor, b_gate: torch.Tensor | None = None,
+              b_up: torch.Tensor | None = None) -> torch.Tensor:
+    """down(act(W_g x + b_g) ⊙ (W_u x + b_u)) with the FFN's own modules; biases [B, d_ff] per sample."""
+    if hasattr(mlp, "gate_up_proj"):
+        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+        act = mlp.activation_fn
+    else:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        act = mlp.act_fn
+    if b_gate is not None:
+        gate = gate + b_gate[:, None, :]
+        up = up + b_up[:, None, :]
+    return mlp.down_proj(act(gate) * up)
 
 
 @dataclass(frozen=True)
@@ -155,13 +201,12 @@ def _refusal_reason(layer: nn.Module, names: set[str]) -> str:
                 "residual stream, and has no skipped form")
     if mlp_names & {"experts", "router", "gate", "shared_expert", "shared_experts"} and "gate_proj" not in mlp_names:
         return "its FFN is a mixture of experts: a PIA can only fold into one dense gated FFN"
-    if "gate_up_proj" in mlp_names:
-        return "its FFN fuses gate and up into one gate_up_proj; the fold is implemented for separate gate/up"
     if not names & {"self_attn", "attention", "attn", "self_attention"}:
         return "it has no self-attention sub-layer (a recurrent, convolutional or linear-attention block)"
     if {"w1", "w2", "w3"} <= mlp_names:
         return "its FFN names its projections w1/w2/w3; the fold is implemented for gate_proj/up_proj/down_proj"
-    if (mlp_names and not mlp_names >= {"gate_proj", "up_proj", "down_proj"}) or {"fc1", "fc2"} <= names:
+    gated = mlp_names >= {"gate_proj", "up_proj", "down_proj"} or mlp_names >= {"gate_up_proj", "down_proj"}
+    if (mlp_names and not gated) or {"fc1", "fc2"} <= names:
         return "its FFN is not gated (gate/up/down): only a gated FFN can absorb a PIA"
     if "input_layernorm" not in names:
         return "it has no input_layernorm: post-LN blocks cannot be folded (the norm follows the attention)"
@@ -182,13 +227,15 @@ def block_form(index: int, layer: nn.Module) -> BlockForm:
     form = next((f for f in FORMS if names == f.children), None)
     if form is None:
         raise UnsupportedModelError(f"{prefix}: {_refusal_reason(layer, names)}")
-    mlp_names = {n for n, _ in layer.mlp.named_children()} | ({"act_fn"} if hasattr(layer.mlp, "act_fn") else set())
-    if mlp_names != _MLP_CHILDREN:
-        if not mlp_names >= {"gate_proj", "up_proj", "down_proj"}:
+    mlp_names = _mlp_names(layer.mlp)
+    kind = next((k for k in (_MLP_SPLIT, _MLP_FUSED) if mlp_names == k), None)
+    if kind is None:
+        closest = max((_MLP_SPLIT, _MLP_FUSED), key=lambda k: len(k & mlp_names))
+        if not mlp_names >= closest - {"act_fn", "activation_fn"}:
             raise UnsupportedModelError(f"{prefix}: {_refusal_reason(layer, names)}")
-        raise UnsupportedModelError(f"{prefix}: mlp sub-modules {sorted(mlp_names - _MLP_CHILDREN)} are not "
+        raise UnsupportedModelError(f"{prefix}: mlp sub-modules {sorted(mlp_names - closest)} are not "
                                     "accounted for in the gated FFN")
-    for name in ("gate_proj", "up_proj", "down_proj"):
+    for name in sorted(kind - {"act_fn", "activation_fn"}):
         if type(getattr(layer.mlp, name)) is not nn.Linear:
             raise UnsupportedModelError(f"{prefix}: mlp.{name} is not a plain Linear")
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -211,7 +258,7 @@ def probe_layer(index: int, layer: nn.Module, form: BlockForm) -> None:
     prefix = f"decoder layer {index} ({type(layer).__name__})"
     weight = layer.mlp.down_proj.weight
     dtype, device = weight.dtype, weight.device
-    x = _rms_probe_input(layer.mlp.gate_proj.in_features, dtype, device)[None] / 8.0
+    x = _rms_probe_input(weight.shape[0], dtype, device)[None] / 8.0
     seen: list[torch.Tensor] = []
 
     def zero_attention(*args: object, **kwargs: object) -> tuple[torch.Tensor, None]:
@@ -222,8 +269,7 @@ def probe_layer(index: int, layer: nn.Module, form: BlockForm) -> None:
     attn = layer.self_attn
     with torch.no_grad():
         mlp = layer.mlp
-        v = x[0]
-        if not _close(mlp(v), mlp.down_proj(mlp.act_fn(mlp.gate_proj(v)) * mlp.up_proj(v)), dtype):
+        if not _close(mlp(x), gated_ffn(mlp, x), dtype):
             raise UnsupportedModelError(f"{prefix}: its mlp does not compute down(act(gate(v)) * up(v))")
         # An instance attribute, restored below (accelerate's hooks may hold one already): the module's own
         # code and tensors are untouched.

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from eas.model.arch import effective_gain, locate_decoder
+from eas.model.arch import effective_gain, gate_up_weights, locate_decoder
 from eas.model.convert import CONFIG_KEY, ConversionError, add_qkv_bias, eas_runtime
 from eas.model.layers import AdaptedNorm, MergedSkippedLayer, SkippedLayer
 
@@ -99,15 +99,15 @@ def fold_model(model: PreTrainedModel) -> PreTrainedModel:
 
 def _fold_skipped_layer(layer: SkippedLayer, rank: int) -> MergedSkippedLayer:
     mlp, pia = layer.mlp, layer.pia
-    dtype = mlp.gate_proj.weight.dtype
+    W_gate, W_up = gate_up_weights(mlp)  # views of gate_up_proj when the FFN fuses them
+    dtype = W_gate.dtype
     U, u = _up(pia.mix)
-    fold = fold_skipped(_f64(mlp.gate_proj.weight), _f64(mlp.up_proj.weight),
-                        _f64(effective_gain(layer.ffn_norm)), U, u,
+    fold = fold_skipped(_f64(W_gate), _f64(W_up), _f64(effective_gain(layer.ffn_norm)), U, u,
                         _f64(pia.C.weight), _f64(pia.C.bias))
     merged = MergedSkippedLayer(layer, layer._state, layer.layer_idx, rank)
-    merged.to(mlp.gate_proj.weight.device)
-    mlp.gate_proj.weight.copy_(fold.gate_weight.to(dtype))
-    mlp.up_proj.weight.copy_(fold.up_weight.to(dtype))
+    merged.to(W_gate.device)
+    W_gate.copy_(fold.gate_weight.to(dtype))
+    W_up.copy_(fold.up_weight.to(dtype))
     merged.pia_A.weight.copy_(pia.A.weight)
     merged.pia_A.bias.copy_(pia.A.bias)
     for name in ("V_gate", "V_up", "kappa_gate", "kappa_up"):

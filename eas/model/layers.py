@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from eas.model.adapters import PIA, RoutedAdapter
-from eas.model.arch import effective_gain, layer_form
+from eas.model.arch import effective_gain, gate_up_weights, gated_ffn, layer_form
 from eas.model.pooling import PoolingState
 
 
@@ -95,9 +95,9 @@ class MergedSkippedLayer(_SkippedBase):
 
     def __init__(self, layer: nn.Module, state: PoolingState, layer_idx: int, rank: int) -> None:
         super().__init__(layer, state, layer_idx)
-        hidden = self.mlp.gate_proj.in_features
-        ffn = self.mlp.gate_proj.out_features
-        dtype = self.mlp.gate_proj.weight.dtype
+        gate_weight, _ = gate_up_weights(self.mlp)
+        ffn, hidden = gate_weight.shape
+        dtype = gate_weight.dtype
         self.pia_A = nn.Linear(hidden, rank, dtype=dtype)
         self.register_buffer("V_gate", torch.zeros(ffn, rank, dtype=dtype))
         self.register_buffer("V_up", torch.zeros(ffn, rank, dtype=dtype))
@@ -111,7 +111,4 @@ class MergedSkippedLayer(_SkippedBase):
     def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         x_hat = self.input_layernorm(hidden_states)
         b_gate, b_up = self._state.per_sample(self._key, x_hat, self.sample_biases)
-        mlp = self.mlp
-        gate = mlp.gate_proj(x_hat) + b_gate[:, None, :]
-        up = mlp.up_proj(x_hat) + b_up[:, None, :]
-        return hidden_states + self._ffn_out(mlp.down_proj(mlp.act_fn(gate) * up))
+        return hidden_states + self._ffn_out(gated_ffn(self.mlp, x_hat, b_gate, b_up))

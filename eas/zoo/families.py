@@ -225,6 +225,32 @@ def _qwen3_vl(seed: int):
     return Qwen3VLForConditionalGeneration(config), _qwen_processor(Qwen3VLProcessor, tok, 8)
 
 
+def _glm4v(seed: int):
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vProcessor
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    tokens = {"image_token": "<|image|>", "video_token": "<|video|>", "image_start_token": "<|begin_of_image|>",
+              "image_end_token": "<|end_of_image|>", "video_start_token": "<|begin_of_video|>",
+              "video_end_token": "<|end_of_video|>"}
+    tok = _tokenizer(tokens)
+    image, video, start, end, vstart, vend = _ids(tok, *tokens.values())
+    # GLM rotates half of each head (partial_rotary_factor 0.5): 8 of 16 dims, mrope sections sum to 4.
+    text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                       "partial_rotary_factor": 0.5})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
+                  out_hidden_size=64, image_size=IMAGE)
+    config = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
+                         image_start_token_id=start, image_end_token_id=end, video_start_token_id=vstart,
+                         video_end_token_id=vend)
+    torch.manual_seed(seed)
+    model = Glm4vForConditionalGeneration(config)
+    image_processor = Glm4vImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2,
+                                             size={"shortest_edge": IMAGE**2, "longest_edge": IMAGE**2})
+    processor = Glm4vProcessor(image_processor=image_processor, tokenizer=tok, video_processor=NoVideoProcessor(),
+                               chat_template=chat_template("<|begin_of_image|><|image|><|end_of_image|>"))
+    return model, processor
+
+
 _IDEFICS_TOKENS = {"fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>",
                    "end_of_utterance_token": "<end_of_utterance>"}
 
@@ -348,6 +374,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen2-vl", "Qwen2-VL", "pre-norm", _qwen2_vl),
     Family("qwen2.5-vl", "Qwen2.5-VL", "pre-norm", _qwen2_5_vl),
     Family("qwen3-vl", "Qwen3-VL", "pre-norm", _qwen3_vl),
+    Family("glm4v", "GLM-4 (fused gate_up)", "sandwich (GLM)", _glm4v),
     Family("idefics3", "Llama", "pre-norm", lambda seed: _idefics3_like(seed, smol=False)),
     Family("smolvlm", "Llama", "pre-norm", lambda seed: _idefics3_like(seed, smol=True)),
     Family("internvl", "Qwen2", "pre-norm", _internvl),

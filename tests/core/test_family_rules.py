@@ -4,7 +4,7 @@
   skipped layer computes exactly the stock layer with its attention output zeroed; the pre-fix form
   (gain from post_attention_layernorm, sandwich norms dropped) does not, on a sandwich block.
 - Each fold rule is needed: dropping the Gemma `1 + w` gain, the q/k/v bias or the FFN-output norm of a
-  sandwich block makes the folded model differ from the adapter form.
+  sandwich block (Gemma and GLM names) makes the folded model differ from the adapter form.
 - Every refused family is refused with its reason, and the model is left bit-identical.
 """
 
@@ -48,7 +48,7 @@ def _pre_fix_form(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + layer.mlp(layer.input_layernorm(x) * effective_gain(layer.post_attention_layernorm))
 
 
-@pytest.mark.parametrize("name", ["llava", "paligemma", "gemma3", "llava-gemma2", "qwen3-vl"])
+@pytest.mark.parametrize("name", ["llava", "paligemma", "gemma3", "llava-gemma2", "qwen3-vl", "glm4v"])
 def test_skipped_form_is_the_attention_free_block(name: str) -> None:
     model, _ = build_family(name)
     perturb(model, seed=3, all_biases=True)
@@ -64,7 +64,7 @@ def test_skipped_form_is_the_attention_free_block(name: str) -> None:
             got = skipped(x)
             pre_fix = _pre_fix_form(layer, x)
         assert (got - expected).abs().max() < 1e-5, f"{name} layer {i}"
-        if decoder.forms[i].name == "sandwich":  # negative control: the pre-fix form is far off
+        if decoder.forms[i].name.startswith("sandwich"):  # negative control: the pre-fix form is far off
             assert (pre_fix - expected).abs().max() > 1e-2, f"{name} layer {i}"
 
 
@@ -113,7 +113,7 @@ def test_qkv_bias_rule_is_needed(monkeypatch) -> None:
     assert _fold_gap("qwen2-vl") > 1e-3
 
 
-@pytest.mark.parametrize("name", ["gemma3", "llava-gemma2"])
+@pytest.mark.parametrize("name", ["gemma3", "llava-gemma2", "glm4v"])
 def test_sandwich_output_norm_rule_is_needed(name: str, monkeypatch) -> None:
     assert _fold_gap(name) <= 1e-5
     monkeypatch.setattr(MergedSkippedLayer, "_ffn_out", lambda self, out: out)  # post_feedforward_layernorm dropped
@@ -159,13 +159,6 @@ def _aya_vision() -> nn.Module:
     return T.AyaVisionForConditionalGeneration(config)
 
 
-def _glm4v() -> nn.Module:
-    text = dict(SMALL, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3],
-                                        "partial_rotary_factor": 0.5})
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-    return T.Glm4vForConditionalGeneration(T.Glm4vConfig(text_config=text, vision_config=vision))
-
-
 def _fuyu() -> nn.Module:
     config = T.FuyuConfig(text_config=dict(model_type="persimmon", **SMALL), hidden_size=64, intermediate_size=128,
                           num_hidden_layers=2, num_attention_heads=4, vocab_size=256, patch_size=8)
@@ -195,7 +188,6 @@ REFUSED = {
     "qwen3-vl-moe": (_qwen3_vl_moe, "mixture of experts"),
     "llama4": (_llama4, "mixture of experts"),
     "aya-vision": (_aya_vision, "parallel attention/FFN"),
-    "glm4v": (_glm4v, "gate_up_proj"),
     "fuyu": (_fuyu, "not gated"),
     "blip2-opt": (_blip2_opt, "not gated"),
     "lfm2-vl": (_lfm2_vl, "no self-attention"),
@@ -203,7 +195,8 @@ REFUSED = {
     "llava-mixtral": (lambda: _llava_with(dict(model_type="mixtral", num_local_experts=2, **SMALL)),
                       "mixture of experts"),
     "llava-phi": (lambda: _llava_with(dict(model_type="phi", **SMALL)), "not gated"),
-    "llava-phi3": (lambda: _llava_with(dict(model_type="phi3", **SMALL)), "gate_up_proj"),
+    # pre-norm with a fused gated FFN, but residual dropout modules no skipped form accounts for
+    "llava-phi3": (lambda: _llava_with(dict(model_type="phi3", **SMALL)), "not accounted for"),
 }
 
 
