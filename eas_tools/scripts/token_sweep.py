@@ -123,7 +123,9 @@ def _load() -> list[float]:
 
 def bench_sweep(args: argparse.Namespace) -> dict[str, Any]:
     """The bench geometry: the cost model's predictions against interleaved measurements."""
+    from eas.model.adapters import AdapterConfig
     from eas.zoo.llava import BENCH, build_llava
+    from eas_tools.bench.flops import count_flops
     from eas_tools.bench.skips import bench_plan
     from eas_tools.bench.variants import convert_and_save
 
@@ -137,7 +139,7 @@ def bench_sweep(args: argparse.Namespace) -> dict[str, Any]:
     sample = easy_vqa_test()[0]
     full = measure_cost(source.model, source.processor, sample, new_tokens=args.new_tokens, repeats=args.repeats)
     cost = measure_token_cost(source.model, source.processor, sample, criterion=args.criterion,
-                              new_tokens=args.new_tokens, probe_keep=0.25, full=full)
+                              new_tokens=args.new_tokens, probe_keep=0.25, full=full, rounds=args.rounds)
     layers = full.num_layers
     target = resolve_token_budget(Budget(target_speedup=args.target_speedup), layers, layers - 1, cost, None)
     skip_counts = sorted({layers // 2, target.k})
@@ -152,14 +154,24 @@ def bench_sweep(args: argparse.Namespace) -> dict[str, Any]:
     if target.token_keep not in (None, 1.0, 0.25):
         cells.append((f"eas{target.k}", args.criterion, target.token_keep))
     timing = latency(models, cells, [sample], args.runs, args.new_tokens)
-    reference = timing[cells[0]]
+    first = latency(models, cells, [sample], args.runs, 1)  # vision + prefill: the time to the first token
+    reference, first_reference = timing[cells[0]], first[cells[0]]
+    flops_full = count_flops(source.model.config, full.prompt_tokens, 1)
     rows = []
     for cell in cells:
         k = 0 if cell[0] == "source" else int(cell[0][3:])
         keep = cell[2] or 1.0
-        rows.append({"model": cell[0], "skipped": k, "criterion": cell[1], "keep": keep,
+        tokens = round(cost.prompt_tokens(keep))
+        plan = bench_plan(layers, count=k) if k else None
+        flops = count_flops(source.model.config, tokens, 1, skipped=plan.skipped if plan else (),
+                            pia_rank=AdapterConfig().pia_rank if plan else 0)
+        first_flops = flops_full.vision + flops_full.projector + flops_full.prefill
+        rows.append({"model": cell[0], "skipped": k, "criterion": cell[1], "keep": keep, "prompt_tokens": tokens,
                      "latency_s": timing[cell], "measured_speedup": reference / timing[cell],
                      "predicted_speedup": cost.predicted_speedup(k, keep),
+                     "first_token_s": first[cell], "first_token_speedup": first_reference / first[cell],
+                     "first_token_flop_ratio": first_flops / (flops.vision + flops.projector + flops.prefill),
+                     "prefill_flop_ratio": flops_full.prefill / flops.prefill,
                      "target_choice": (k, keep) == (target.k, target.token_keep)})
         print(json.dumps(rows[-1]), flush=True)
     return {"kind": "bench", "args": vars(args), "cost_model": cost.to_dict(), "target": target.to_dict(),
@@ -179,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     bench = sub.add_parser("bench")
     bench.add_argument("--criterion", default="cls")
     bench.add_argument("--target-speedup", type=float, default=2.0)
-    bench.add_argument("--repeats", type=int, default=3, help="cost-model repeats")
+    bench.add_argument("--repeats", type=int, default=3, help="repeats of the first all-token cost model")
+    bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the token cost model")
     bench.add_argument("--runs", type=int, default=5)
     for p in (acc, bench):
         p.add_argument("--new-tokens", type=int, default=4)
