@@ -56,8 +56,10 @@ async def wait_until(predicate, timeout_s: float = 5.0) -> None:
 async def test_batches_fill_up_to_max_size() -> None:
     runner = FakeRunner()
     batcher = make_batcher(runner, max_batch_wait_s=0.2)
-    batcher.start()
+    # Queued before the worker starts: an idle worker dispatches at once (issue 18), so a worker already
+    # running could take q0 alone before the others are submitted.
     items = [submit(batcher, f"q{i}") for i in range(6)]
+    batcher.start()
     results = await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 5)
     assert [r.generation.text for r in results] == [f"Q{i}" for i in range(6)]
     assert runner.batches == [["q0", "q1", "q2", "q3"], ["q4", "q5"]]
