@@ -6,7 +6,7 @@ suite (tests/core/test_family_exactness.py) and the per-family HTTP tests (tests
 seconds. Image processors are always the PIL ("...ImageProcessorPil") classes: torchvision is never
 installed here. Processors that also hold a video processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM,
 InternVL, LLaVA-OneVision) get `NoVideoProcessor`, a torchvision-free stand-in that refuses videos
-(`eas.zoo.video`).
+(`eas.model.processors`).
 
 Prompt format: the same one-line chat template for every family ("<image placeholder>question: ...
 answer:"), with the family's own image placeholder, so serving and evaluation build prompts alike.
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
+from eas.model.processors import NoVideoProcessor
 from eas.zoo.llava import default_corpus
 from eas.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
-from eas.zoo.video import NoVideoProcessor
 
 VOCAB = 512
 IMAGE = 32  # image side in pixels
