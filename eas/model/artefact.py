@@ -198,6 +198,9 @@ def _load_eas_tensors(model: PreTrainedModel, files: list[Path], keys: list[str]
     # one layer key that both layouts share.
     probe = next(f"{i}.mlp.down_proj.weight" for i in range(len(decoder.layers)))
     matches = [k for k in on_disk if k.endswith(".layers." + probe) or k == "layers." + probe]
+    if len(matches) > 1:  # another module's layers have an mlp too (Idefics2's perceiver): the decoder's name decides
+        own = [k for k in matches if k.endswith(f"{decoder.path.rsplit('.', 1)[-1]}.layers.{probe}")]
+        matches = own if len(own) == 1 else matches
     if len(matches) != 1:
         raise ArtefactError(f"{where}: cannot locate the decoder layers in the checkpoint")
     disk_prefix = matches[0][: -len(probe)]

@@ -286,6 +286,28 @@ def _idefics3_like(seed: int, smol: bool):
     return model, processor
 
 
+def _idefics2(seed: int):
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    tok = _tokenizer({"image_boundary_token": "<fake_token_around_image>",
+                      "end_of_utterance_token": "<end_of_utterance>"})
+    perceiver = dict(hidden_size=64, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                     resampler_head_dim=16, num_key_value_heads=1)
+    config = Idefics2Config(text_config=dict(model_type="mistral", **TEXT), perceiver_config=perceiver,
+                            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=IMAGE, patch_size=8),
+                            image_token_id=tok.image_token_id, pad_token_id=PAD_ID)
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(config)
+    # One 32-px image, no splitting, resampled to 4 latents = 4 image tokens.
+    image_processor = Idefics2ImageProcessorPil(do_image_splitting=False,
+                                                size={"shortest_edge": IMAGE, "longest_edge": IMAGE})
+    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                  chat_template=chat_template("<image>"))
+    return model, processor
+
+
 def _internvl(seed: int):
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -375,6 +397,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen2.5-vl", "Qwen2.5-VL", "pre-norm", _qwen2_5_vl),
     Family("qwen3-vl", "Qwen3-VL", "pre-norm", _qwen3_vl),
     Family("glm4v", "GLM-4 (fused gate_up)", "sandwich (GLM)", _glm4v),
+    Family("idefics2", "Mistral", "pre-norm", _idefics2),
     Family("idefics3", "Llama", "pre-norm", lambda seed: _idefics3_like(seed, smol=False)),
     Family("smolvlm", "Llama", "pre-norm", lambda seed: _idefics3_like(seed, smol=True)),
     Family("internvl", "Qwen2", "pre-norm", _internvl),
