@@ -53,6 +53,7 @@ COLOURS = [(200, 30, 30), (30, 160, 30), (30, 30, 200), (220, 200, 30), (120, 60
            (0, 150, 150), (230, 120, 20)]
 OLD_THREADS = "EAS_BENCH_SKIP_CPU_SETUP"  # the server skips service/cpu.py's set-up (the old behaviour)
 SWITCH_INTERVAL = "EAS_BENCH_SWITCH_INTERVAL_MS"  # eas-serve@si=<ms>: sys.setswitchinterval in that server
+INLINE_PREPARE = "EAS_BENCH_INLINE_PREPARE"  # eas-serve@inline: small images preprocessed on the event loop
 QUESTIONS = ["what colour is the shape?", "what shape is in the image?", "is there a circle?",
              "what is the colour of the shape?"]
 
@@ -90,6 +91,8 @@ def serve(name: str, port: int, model_dir: Path, *, max_batch: int, window_ms: f
 
 
 def _serve_eas(port: int, model_dir: Path, max_batch: int, window_ms: float) -> None:
+    if os.environ.get(INLINE_PREPARE):
+        _prepare_inline()
     if os.environ.get(SWITCH_INTERVAL):
         sys.setswitchinterval(float(os.environ[SWITCH_INTERVAL]) / 1000.0)
     if not os.environ.get(OLD_THREADS):
@@ -110,6 +113,24 @@ def _serve_eas(port: int, model_dir: Path, max_batch: int, window_ms: float) -> 
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
                             access_log=False)
     DrainingServer(config, app.state.service).run()
+
+
+def _prepare_inline() -> None:
+    """Experiment (`eas-serve@inline`): run the preprocessing of small images on the event loop instead of
+    two round trips through the preprocessing pool, to measure what those thread hand-offs cost."""
+    from service import preprocess
+
+    original = preprocess.Preprocessor.prepare
+
+    async def prepare(self: Any, model: Any, data: bytes, question: str, *, limits: Any, max_prompt_tokens: int,
+                      deadline: float) -> Any:
+        width, height = preprocess._header_size(data, limits)
+        if width * height <= self.large_pixels:
+            return self._prepare(model, data, question, limits, max_prompt_tokens, deadline)
+        return await original(self, model, data, question, limits=limits, max_prompt_tokens=max_prompt_tokens,
+                              deadline=deadline)
+
+    preprocess.Preprocessor.prepare = prepare  # type: ignore[method-assign]
 
 
 def decode_body(body: dict[str, Any]) -> tuple[Any, str, int]:
@@ -199,6 +220,8 @@ def _variant(spec: str, args: argparse.Namespace) -> tuple[str, argparse.Namespa
     env = thread_env(args.threads)
     if extra.startswith("si="):
         env[SWITCH_INTERVAL] = extra.removeprefix("si=")
+    elif extra == "inline":
+        env[INLINE_PREPARE] = "1"
     return name, args, spec, env
 
 
