@@ -68,12 +68,12 @@ def validate_question(question: object, *, max_chars: int, param: str = "questio
     question = question.strip()
     if not question:
         raise ValidationFailed(f"{param} must not be empty", param=param)
+    if len(question) > max_chars:
+        raise ValidationFailed(f"{param} has {len(question)} characters; the limit is {max_chars}", param=param)
+    _check_plain_text(question, param)  # first: a NUL is named as such, not as "invisible"
     if not any(_visible(char) for char in question):
         raise ValidationFailed(f"{param} has no visible characters (only spaces, joiners or format marks)",
                                param=param)
-    if len(question) > max_chars:
-        raise ValidationFailed(f"{param} has {len(question)} characters; the limit is {max_chars}", param=param)
-    _check_plain_text(question, param)
     return question
 
 

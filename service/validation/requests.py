@@ -157,7 +157,11 @@ async def _check_multipart_complete(request: Request) -> None:
     part (issue 17). The body is read here (bounded by the middleware) and parsed from that copy."""
     boundary = request.headers.get("content-type", "").partition("boundary=")[2].split(";", 1)[0].strip().strip('"')
     body = await request.body()
-    if boundary and not body.rstrip(b"\r\n \t").endswith(f"--{boundary}--".encode("latin-1", "replace")):
+    delimiter = f"--{boundary}".encode("latin-1", "replace")
+    # Only a body that is framed by this boundary can be called truncated; other framing errors are
+    # Starlette's to name.
+    framed = bool(boundary) and body.lstrip(b"\r\n").startswith(delimiter)
+    if framed and not body.rstrip(b"\r\n \t").endswith(delimiter + b"--"):
         raise BadRequest("the multipart body is truncated: it does not end with its closing boundary",
                          code="truncated_body")
 

@@ -176,8 +176,9 @@ CASES = [
     Hostile("json-malformed", raw("/v1/answer", b'{"question": "x", ', "application/json"), 400, "bad_request",
             "malformed JSON"),
     Hostile("json-empty-body", raw("/v1/answer", b"", "application/json"), 400, "bad_request", "empty"),
-    Hostile("json-nested-100000-deep", raw("/v1/answer", DEEP_JSON, "application/json"), 400, "bad_request",
-            "nested too deeply"),
+    # Refused from a count of its containers before json.loads runs (issue 17): no recursion at all.
+    Hostile("json-nested-100000-deep", raw("/v1/answer", DEEP_JSON, "application/json"), 400, "json_too_complex",
+            "values"),
     Hostile("json-not-an-object", answer_json([GOOD_B64, Q]), 422, "validation_error", "dictionary"),
     Hostile("json-unknown-field", answer_json({"image": GOOD_B64, "question": Q, "evil": True}), 422,
             "validation_error", "evil"),
@@ -186,7 +187,7 @@ CASES = [
     Hostile("json-max-new-tokens-zero", answer_json({"image": GOOD_B64, "question": Q, "max_new_tokens": 0}), 422,
             "validation_error", "max_new_tokens"),
     Hostile("chat-nested-100000-deep", raw("/v1/chat/completions", DEEP_JSON, "application/json"), 400,
-            "bad_request", "nested too deeply"),
+            "json_too_complex", "values"),
     # multipart framing
     Hostile("multipart-no-boundary", raw("/v1/answer", GOOD_MULTIPART, "multipart/form-data"), 400, "bad_request",
             "boundary"),
@@ -194,8 +195,9 @@ CASES = [
             400, "bad_request", "multipart"),
     Hostile("multipart-random-bytes", raw("/v1/answer", os.urandom(4096), "multipart/form-data; boundary=b0undary"),
             400, "bad_request", "multipart"),
+    # Without its closing boundary a body is truncated (issue 17): Starlette used to drop the cut part quietly.
     Hostile("multipart-cut-in-image", raw("/v1/answer", GOOD_MULTIPART[:120], "multipart/form-data; boundary=b0undary"),
-            422, "validation_error", "image"),
+            400, "truncated_body", "truncated"),
     Hostile("multipart-part-without-name",
             raw("/v1/answer", multipart_body("b0undary", [("x=1", b"hi")]), "multipart/form-data; boundary=b0undary"),
             400, "bad_request", "name"),
@@ -248,7 +250,7 @@ CASES = [
                 {"type": "text", "text": "what \udfff?"}]}]}).encode(), "application/json"),
             422, "validation_error", "surrogate"),
     Hostile("chat-unknown-model", chat_image(GOOD_DATA_URL, model="gpt-5"), 404, "model_not_found", "gpt-5"),
-    Hostile("chat-n-2", chat_image(GOOD_DATA_URL, n=2), 422, "validation_error", "n=1"),
+    Hostile("chat-n-2", chat_image(GOOD_DATA_URL, n=2), 422, "unsupported_parameter", "n=1"),
     Hostile("chat-max-tokens-huge", chat_image(GOOD_DATA_URL, max_tokens=10**12), 422, "validation_error",
             "max_tokens"),
     # headers
