@@ -303,6 +303,12 @@ class TokenReducer:
         else:
             tokens = self._tokens_per_image()
             images = total // tokens
+        if scores is not None and total != images * tokens and total % (images * tokens) == 0:
+            # Beam search / num_return_sequences: generate repeats each row (and its pre-encoded images)
+            # `expand` times, row by row, after the scores were attached to the encoder output.
+            expand = total // (images * tokens)
+            scores = (scores[0].repeat_interleave(expand, dim=0), scores[1].repeat_interleave(expand, dim=0))
+            images *= expand
         if images * tokens != total:
             raise TokenReductionError(f"{total} image tokens do not split into images of {tokens} tokens")
         keep_image = select_tokens(self.reduction, None if scores is None else scores[0], tokens, images, device)

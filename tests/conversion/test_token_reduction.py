@@ -101,6 +101,18 @@ def test_kv_cache_and_keep_all_identity() -> None:
     assert small.past_key_values.get_seq_length() == 41 - 12 + 2
 
 
+def test_beam_search_expands_the_scores() -> None:
+    """generate repeats each row per beam after the images were encoded (and scored): every beam of a sample
+    keeps that sample's tokens, so a two-sample batch gives each sample's own beams."""
+    model, processor = _model(True)
+    batch = llava_batch(processor)
+    install_reduction(model, TokenReduction(keep_fraction=0.25, criterion="merge"))
+    with torch.no_grad():
+        both = generate(model, batch, max_new_tokens=3, num_beams=2)
+        alone = generate(model, select(batch, 1), max_new_tokens=3, num_beams=2)
+    assert torch.equal(both[1, -3:], alone[0, -3:])
+
+
 def test_selection_and_merge() -> None:
     scores = torch.tensor([[0.1, 0.5, 0.5, 0.9], [0.4, 0.3, 0.2, 0.1]])
     keep = select_tokens(TokenReduction(keep_count=2), scores, 4, 2, torch.device("cpu"))
