@@ -279,3 +279,29 @@ def test_request_and_cli_validate_the_token_budget(tmp_path) -> None:
     result = CliRunner().invoke(app, ["convert", "--store", str(tmp_path), "--model", "m", "--skip-count", "1",
                                       "--token-keep", "lots"])
     assert result.exit_code == 2 and "--token-keep" in result.output
+
+
+def test_hf_loading_path_applies_the_reduction(reduced_conversion) -> None:
+    """`from_pretrained(..., trust_remote_code=True)` of the converted directory (eas/model/artefact.py) installs
+    the recorded reduction too, and computes what load_model's model computes."""
+    from transformers import AutoModelForImageTextToText
+
+    from eas.model.loading import load_model
+
+    _, out = reduced_conversion
+    loaded = load_model(out, device="cpu", dtype="fp32")
+    hf = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(token_reducer(hf)).__name__ == "TokenReducer"
+    assert token_reducer(hf).reduction.model_dump() == token_reducer(loaded.model).reduction.model_dump()
+    batch = loaded.prepare(*_shapes(2))
+    with torch.no_grad():
+        a = loaded.model(**batch, use_cache=False).logits[:, -1]
+        b = hf(**batch, use_cache=False).logits[:, -1]
+    assert float((a - b).abs().max()) <= TOL
+    assert token_reducer(hf).last_prompt_tokens[1] < token_reducer(hf).last_prompt_tokens[0]
+
+
+def _shapes(n: int):
+    from tests.core.helpers import images
+
+    return images(n), ["what colour is the circle?", "what shape is in the image?"][:n]
