@@ -9,6 +9,7 @@ only where it means something else there (a body naming an unknown model is a 42
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -95,7 +96,33 @@ def _check_source(store: ModelStore, request: ConversionRequest, roots: list[Pat
                                  f"'{UPLOADS}' directory or one of EAS_DATASET_ROOTS", "dataset")
         if not Path(request.dataset).is_file():
             raise _unprocessable("dataset is neither 'easy-vqa' nor a readable JSONL file", "dataset")
+        if roots is not None and (outside := _rows_outside_roots(Path(request.dataset), roots)):
+            shown = ", ".join(str(n) for n in outside[:5]) + (" …" if len(outside) > 5 else "")
+            raise _unprocessable(f"dataset rows name images outside the dataset roots (lines {shown}); a job reads "
+                                 "images only under the store's uploads directory or EAS_DATASET_ROOTS", "dataset")
     return info.version
+
+
+def _rows_outside_roots(dataset: Path, roots: list[Path]) -> list[int]:
+    """Line numbers of rows whose image path (relative ones against the file's folder) resolves outside
+    every root. Decided from the path alone, before the job looks at the image, so a job's row errors
+    ('not found' vs 'unreadable') never reveal anything about files outside the roots. Rows that are not
+    JSON objects with a string image are left to the job's own row checks (eas/conversion/data.py)."""
+    outside: list[int] = []
+    with dataset.open("r", encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            image = row.get("image") if isinstance(row, dict) else None
+            if not isinstance(image, str) or not image.strip():
+                continue
+            path = Path(image.strip())
+            resolved = (path if path.is_absolute() else dataset.parent / path).resolve()
+            if not any(resolved.is_relative_to(root) for root in roots):
+                outside.append(number)
+    return outside
 
 
 # The body is read in the handler, not declared as a parameter: FastAPI parses declared bodies before it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import threading
 import time
 from pathlib import Path
@@ -122,3 +123,34 @@ async def test_datasets_only_from_configured_roots(tiny_store: ModelStore, tmp_p
             error = assert_error(response, 422, needle="dataset root")
             assert error["param"] == "dataset"
     assert tiny_store.jobs.select() == []
+
+
+async def test_dataset_rows_name_images_only_under_the_roots(tiny_store: ModelStore, tmp_path: Path) -> None:
+    """A dataset file inside a root whose rows point outside it (absolute, `..`, or a symlink) is refused
+    before a job exists, with the same message whether the outside file exists or not (no oracle)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "in.png").write_bytes(image_bytes())
+    (root / "link.png").symlink_to("/etc/hostname")
+    settings = store_settings(tiny_store.root, dataset_roots=[root])
+    cases = {"absolute_existing": "/etc/passwd", "absolute_missing": "/nonexistent/x.png",
+             "dotdot": "../../outside.png", "symlink": "link.png"}
+    async with running_app(settings) as (_, client):
+        messages = set()
+        for name, image in cases.items():
+            dataset = root / f"{name}.jsonl"
+            rows = [{"image": "in.png", "question": "q?", "answer": "a"},
+                    {"image": image, "question": "q?", "answer": "a"}]
+            dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            response = await client.post("/admin/convert", headers=AUTH,
+                                         json={"model": "tiny", "dataset": str(dataset), "steps": 1, "skip_count": 1})
+            error = assert_error(response, 422, needle="outside the dataset roots")
+            assert error["param"] == "dataset" and "lines 2" in error["message"]
+            messages.add(error["message"].replace(str(dataset), ""))
+        assert len(messages) == 1  # existing and missing outside files read the same
+        # Negative control: a dataset whose rows stay inside the root is accepted.
+        good = root / "good.jsonl"
+        good.write_text(json.dumps({"image": "in.png", "question": "q?", "answer": "a"}) + "\n")
+        accepted = await client.post("/admin/convert", headers=AUTH,
+                                     json={"model": "tiny", "dataset": str(good), "steps": 1, "skip_count": 1})
+        assert accepted.status_code == 202, accepted.text
