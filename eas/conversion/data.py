@@ -227,7 +227,8 @@ def training_batch(processor: ProcessorMixin, samples: Sequence[VQASample]) -> d
     for key, value in enc.items():  # pixel_values and any model-specific image inputs
         if key in ("input_ids", "attention_mask", "labels"):  # PaliGemma's processor returns its own labels
             continue
-        if isinstance(value, list) and [len(v) for v in value] == prompt_lengths and key.endswith("type_ids"):
+        if (key.endswith("type_ids") and isinstance(value, list)
+                and [len(v) if hasattr(v, "__len__") else None for v in value] == prompt_lengths):
             # per-token types (token_type_ids, mm_token_type_ids): the answer and padding are text, type 0
             batch[key] = torch.tensor([list(v) + [0] * (width - len(v)) for v in value])
         else:

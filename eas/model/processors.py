@@ -43,9 +43,20 @@ _name_the_mixin()
 
 def load_processor(path: str | Path) -> ProcessorMixin:
     """The directory's processor: AutoProcessor's, or, where only its video processor needs torchvision,
-    the same processor class with NoVideoProcessor in the video slot."""
+    the same processor class with NoVideoProcessor in the video slot. A directory's own code is never run."""
+    from eas.model.artefact import is_eas_directory, quiet_transformers
+
+    if is_eas_directory(path):
+        # The tokenizer loader reads config.json as a generic config and warns that type `eas` is not the
+        # processor's model type on every load: expected for a converted directory (docs/eas-core.md).
+        with quiet_transformers():
+            return _load_processor(path)
+    return _load_processor(path)
+
+
+def _load_processor(path: str | Path) -> ProcessorMixin:
     try:
-        return AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(path, trust_remote_code=False)  # never run a directory's code
     except ValueError as exc:
         if "torchvision" not in str(exc):
             raise
@@ -60,9 +71,9 @@ def load_processor(path: str | Path) -> ProcessorMixin:
     args = []
     for attribute in cls.get_attributes():
         if attribute == "tokenizer":
-            args.append(AutoTokenizer.from_pretrained(path))
+            args.append(AutoTokenizer.from_pretrained(path, trust_remote_code=False))
         elif attribute == "image_processor":
-            args.append(AutoImageProcessor.from_pretrained(path))
+            args.append(AutoImageProcessor.from_pretrained(path, trust_remote_code=False))
         elif attribute == "video_processor":
             args.append(NoVideoProcessor())
         else:

@@ -32,6 +32,7 @@ from eas.model.fold import fold_model
 from eas.model.loading import load_model
 from eas.model.persistence import load_converted, save_converted, upgrade_format
 from eas.model.plan import SkipPlan
+from eas.model.processors import load_processor
 from eas.zoo.families import FAMILIES
 from tests.core.helpers import converted_llava, llava_batch
 from tests.core.test_family_exactness import converted_family, family_batch
@@ -227,3 +228,31 @@ def test_the_project_never_runs_a_directorys_code(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="contains custom code"):
         check_checkpoint(evil)
     assert not marker.exists()
+
+
+
+@pytest.mark.parametrize("name", ["llava", "llava-onevision"])
+def test_load_model_never_asks_to_run_the_directory_code(tmp_path: Path, name: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converted directory names its own code in auto_map; the project's loader (model and processor, the
+    torchvision-free fallback included: LLaVA-OneVision) must neither run it nor reach transformers'
+    interactive trust prompt, which waits for input under a pipe and fails in a loader thread. Negative
+    control: the stock AutoConfig without trust_remote_code does reach the prompt on the same directory."""
+    from transformers import AutoConfig
+
+    prompts: list[str] = []
+
+    def answer_no(question: str = "") -> str:  # recorded, not raised: transformers swallows errors of input()
+        prompts.append(question)
+        return "n"
+
+    model, processor = converted_family(name)
+    processor.save_pretrained(tmp_path / "source")  # as the pipeline does: the source's processor, reloaded
+    directory = save_converted(fold_model(model), tmp_path / name, load_processor(tmp_path / "source"))
+    monkeypatch.setattr("builtins.input", answer_no)
+    loaded = load_model(directory, device="cpu")
+    assert prompts == []
+    assert loaded.plan is not None and loaded.plan.skipped == tuple(model.config.get_text_config().eas["plan"]
+                                                                     ["skipped"])
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoConfig.from_pretrained(directory)

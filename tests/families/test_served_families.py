@@ -3,12 +3,9 @@
 For each family of eas/zoo/families.py a tiny model, built in process with its real processor class and
 a PIL image processor, is imported into a fresh model store and served: `/v1/answer` (multipart and JSON)
 and `/v1/chat/completions` must answer exactly what the same directory, loaded in process with
-`load_model`, answers. Then, on one family per decoder form and position scheme (Qwen2-VL: pre-norm, q/k/v
-biases, mrope; Gemma3: sandwich norms, `1 + w` gains), the conversion runs through `POST /admin/convert`
-with quick settings, the new version is hot-activated, and the served converted model answers what the
-converted directory answers in process. The conversion round trip costs ~10-20 s per family (a worker
-process, training, evaluation), so the other families are converted in-process by the exactness suite
-(tests/core/test_family_exactness.py) rather than over HTTP.
+`load_model`, answers. Then every served family is converted through `POST /admin/convert` with quick
+settings, the new version is hot-activated, and the served converted model answers what the converted
+directory answers in process (~10 s per family: a worker process, training, the fold check).
 
 Mistral3 is not served: its processor class (PixtralProcessor) imports torchvision in transformers 5.23.
 """
@@ -34,7 +31,7 @@ from tests.service.conftest import image_bytes, multipart, running_app
 from tests.service.test_admin import AUTH, FAST, store_settings, wait_job
 
 SERVED = [name for name, family in FAMILIES.items() if family.not_servable is None]
-CONVERTED_OVER_HTTP = ["qwen2-vl", "gemma3"]
+CONVERTED_OVER_HTTP = SERVED
 QUESTION = "what colour is the circle?"
 TOKENS = 6
 
