@@ -96,8 +96,7 @@ async def infer(
     preprocess_s = decode_s + generation.prepare_s
     metrics.queue_duration.labels(**labels).observe(completed.queue_s)
     metrics.preprocess_duration.labels(**labels).observe(preprocess_s)
-    metrics.observe_generation(served.info.model, served.variant, generation.inference_s, generation.phases,
-                               generation.completion_tokens)
+    metrics.observe_generation(served.info.model, served.variant, generation)
     ttft = None if generation.first_token_at is None else generation.first_token_at - request.state.started_at
     metrics.observe_token_latency(served.info.model, served.variant, ttft, generation.tpot_s)
     shadow = getattr(request.app.state, "shadow", None)

@@ -45,6 +45,9 @@ BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
 # of two from 256 B to 64 MiB, so a quantile lands within a factor of two of the real size. (Buckets that
 # began at 16 KiB put every small image in the first bucket, whose p50 always interpolates to 8192 B.)
 IMAGE_BYTES_BUCKETS: tuple[float, ...] = tuple(float(256 * 2**i) for i in range(19))  # 256 B .. 64 MiB
+# Prompts: a few dozen tokens (the demo: 12 text + 64 image) to the model's positions (thousands); powers of
+# two, so a reduction to a quarter of the image tokens moves the quantile by about two buckets.
+PROMPT_TOKEN_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(3, 16))  # 8 .. 32768
 # Conversions take minutes to hours.
 JOB_BUCKETS: tuple[float, ...] = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -127,6 +130,10 @@ class Metrics:
             mv, buckets=queue_buckets, registry=r)
         self.generated_tokens = Counter("eas_generated_tokens", "Completion tokens returned to clients.",
                                         mv, registry=r)
+        # What a visual-token reduction saves shows here, per variant (docs/conversion.md).
+        self.prompt_tokens = Histogram(
+            "eas_prompt_tokens", "Prompt tokens each request ran through the decoder (after visual-token "
+            "reduction, where the variant has one).", mv, buckets=PROMPT_TOKEN_BUCKETS, registry=r)
         self._phase_histograms = {"vision_encoder": self.vision_encoder_duration,
                                   "prefill": self.prefill_duration, "decode": self.decode_duration}
 
@@ -179,13 +186,15 @@ class Metrics:
         self.conversion_jobs_in_progress = Gauge("eas_conversion_jobs_in_progress",
                                                  "Conversion worker processes running now.", registry=r)
 
-    def observe_generation(self, model: str, variant: str, inference_s: float,
-                           phases: dict[str, float], completion_tokens: int) -> None:
-        """One answered request's model-side time: the whole generation and the phases that were measured."""
-        self.inference_duration.labels(model, variant).observe(inference_s)
-        for phase, seconds in phases.items():
+    def observe_generation(self, model: str, variant: str, generation: Generation) -> None:
+        """One answered request's model-side time (the whole generation and the phases that were measured)
+        and its token counts."""
+        self.inference_duration.labels(model, variant).observe(generation.inference_s)
+        for phase, seconds in generation.phases.items():
             self._phase_histograms[phase].labels(model, variant).observe(seconds)
-        self.generated_tokens.labels(model, variant).inc(completion_tokens)
+        self.generated_tokens.labels(model, variant).inc(generation.completion_tokens)
+        prompt = generation.decoder_prompt_tokens
+        self.prompt_tokens.labels(model, variant).observe(generation.prompt_tokens if prompt is None else prompt)
 
     def observe_token_latency(self, model: str, variant: str, ttft_s: float | None, tpot_s: float | None) -> None:
         if ttft_s is not None:

@@ -184,6 +184,10 @@ def panels() -> list[dict[str, Any]]:
     g.add(timeseries("Generated tokens", "Completion tokens returned per second (eas_generated_tokens_total).",
                      [(f"sum by (variant) (rate(eas_generated_tokens_total{{{MV}}}{RATE}))", "{{variant}}")],
                      "short"), w=8)
+    g.add(timeseries("Prompt tokens per request (mean)", "Prompt tokens each request ran through the decoder, "
+                     "per variant (eas_prompt_tokens): a conversion that keeps fewer image tokens "
+                     "(docs/conversion.md, visual-token reduction) shows its smaller prompts here.",
+                     [(mean("eas_prompt_tokens"), "{{variant}}")], "short"), w=8)
     g.add(timeseries("Errors and rejections", "Non-2xx answers by code and variant, and refusals by reason "
                      "(eas_requests_rejected_total: queue_full, payload_too_large, timeout, invalid_image, ...).",
                      [(f'sum by (variant, code) (rate(eas_requests_total{{{MV}, code!~"2.."}}{RATE}))',

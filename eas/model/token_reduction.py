@@ -420,6 +420,16 @@ def reduction_info(model: nn.Module) -> dict[str, object] | None:
     return info
 
 
+def tokens_dropped(model: nn.Module) -> int:
+    """Prompt positions the model's last prompt pass removed from every row (0 without a reduction): what a
+    caller subtracts from the processor's prompt length to count the tokens the decoder really ran."""
+    reducer = token_reducer(model)
+    if reducer is None or reducer.last_prompt_tokens is None:
+        return 0
+    before, after = reducer.last_prompt_tokens
+    return before - after
+
+
 def remove_reduction(model: nn.Module) -> None:
     reducer = token_reducer(model)
     if reducer is not None:

@@ -58,6 +58,9 @@ class Generation:
     # the time-to-first-token and time-per-output-token metrics (None where there was no such token).
     first_token_at: float | None = None
     tpot_s: float | None = None
+    # Prompt tokens the decoder ran for this row: `prompt_tokens` less the image tokens a visual-token
+    # reduction removed (eas/model/token_reduction.py); None means "the same as prompt_tokens".
+    decoder_prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)

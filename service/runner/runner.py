@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from eas.model.loading import LoadedModel
+from eas.model.token_reduction import tokens_dropped
 from service.batching.work import Generation, WorkItem
 from service.runner.phases import PhaseTimer
 from service.runner.sampling import RowControl, controlled_generations
@@ -90,6 +91,7 @@ class ModelRunner:
         phases = marks.seconds()  # after the host copy, so reading CUDA events never waits
         prompt_tokens = batch["attention_mask"].sum(dim=1).tolist() if "attention_mask" in batch else (
             [int(batch["input_ids"].shape[1])] * len(images))
+        dropped = tokens_dropped(self.model.model)
         first_token_at = started + phases.get("vision_encoder", 0.0) + phases.get("prefill", 0.0)
         steps = int(ids.shape[1])  # every row waited for each step of the batch
         tpot = phases["decode"] / (steps - 1) if steps > 1 and "decode" in phases else None
@@ -108,6 +110,7 @@ class ModelRunner:
                 phases=phases,
                 first_token_at=first_token_at if "prefill" in phases else None,
                 tpot_s=tpot,
+                decoder_prompt_tokens=int(n_prompt) - dropped,
             ))
         return out
 

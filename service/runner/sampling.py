@@ -23,6 +23,7 @@ import torch
 from transformers import BatchFeature
 
 from eas.model.loading import LoadedModel
+from eas.model.token_reduction import tokens_dropped
 from service.batching.work import Generation, Sampling, TokenSink
 from service.runner.phases import PhaseMarks
 
@@ -94,6 +95,7 @@ def controlled_generations(model: LoadedModel, batch: BatchFeature, rows: list[R
     phases = marks.seconds()
     prompt_tokens = (batch["attention_mask"].sum(dim=1).tolist() if "attention_mask" in batch
                      else [int(batch["input_ids"].shape[1])] * len(rows))
+    dropped = tokens_dropped(model.model)
     out = []
     for row, n_prompt in zip(rows, prompt_tokens, strict=True):
         n = len(row.tokens)
@@ -103,5 +105,6 @@ def controlled_generations(model: LoadedModel, batch: BatchFeature, rows: list[R
             text=row.text, prompt_tokens=int(n_prompt), completion_tokens=n,
             finish_reason=row.finish_reason or "length", prepare_s=prepare_s, inference_s=inference_s,
             batch_size=len(rows), phases=phases, first_token_at=row.first_token_at, tpot_s=tpot,
+            decoder_prompt_tokens=int(n_prompt) - dropped,
         ))
     return out

@@ -256,10 +256,19 @@ async def test_served_equals_in_process(reduced_conversion) -> None:
             expected = direct.answer([Image.open(io.BytesIO(png))], ["what colour is the circle?"])[0]
             assert response.json()["answer"] == expected
         info = (await client.get("/info")).json()
+        exposition = (await client.get("/metrics")).text
     served = [v for v in info["variants"] if v["token_reduction"] is not None]
     assert served and served[0]["token_reduction"]["keep_fraction"] == 0.25
     before, after = served[0]["token_reduction"]["last_prompt_tokens"]
     assert after == before - 12
+    # The per-variant prompt-token metric counts what the decoder ran (the reduced prompt), not the
+    # processor's prompt: two lone requests, each `after` tokens.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name: s.value for family in text_string_to_metric_families(exposition) if family.name ==
+               "eas_prompt_tokens" for s in family.samples if s.labels.get("variant") == served[0]["variant"]}
+    assert samples["eas_prompt_tokens_count"] == 2
+    assert samples["eas_prompt_tokens_sum"] == 2 * after != 2 * before
 
 
 def test_request_and_cli_validate_the_token_budget(tmp_path) -> None:
