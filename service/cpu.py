@@ -8,7 +8,7 @@ scheduled. Measured on the shared 2-core machine (issue 18): 2 threads beside a 
 8–12x slower than 1 thread; `OMP_WAIT_POLICY=PASSIVE` brought 2 threads back to 0.86x of 1 thread.
 
 `prepare_process` runs in `eas serve` before torch is imported (OpenMP reads its environment once, when
-the library loads): it sets `OMP_WAIT_POLICY=PASSIVE` and `OMP_NUM_THREADS` to the usable CPU count,
+the library loads): it sets `OMP_WAIT_POLICY=PASSIVE` and `OMP_NUM_THREADS` to the usable CPU count less one,
 each only where the environment does not already say otherwise. `EAS_INFERENCE_THREADS` overrides the
 count (service/settings.py); the runners apply it per inference thread (service/runner/threads.py).
 """
@@ -71,13 +71,20 @@ def usable_cpus(root: Path = CGROUP_ROOT) -> int:
 
 def inference_threads(configured: int = 0) -> int:
     """Intra-op threads for inference: `configured` (EAS_INFERENCE_THREADS) when set, else an operator's
-    `OMP_NUM_THREADS`, else `usable_cpus()`."""
+    `OMP_NUM_THREADS`, else all usable CPUs but one (at least one).
+
+    The CPU left over is the server's own: its event loop, the preprocessing pool (image decode, processor)
+    and the batch worker's Python between matrix multiplies all run beside torch's pool, and a pool that
+    takes every CPU makes each of its barriers wait for threads the server's own work has descheduled.
+    Measured on the 2-core machine (docs/serving.md, "Threads"): 1 thread served 1.36x the requests of 2
+    passive threads at one client and 1.14x at 16, with no neighbour; beside a CPU-bound neighbour 1.0-1.1x.
+    """
     if configured > 0:
         return configured
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return usable_cpus()
+    return max(1, usable_cpus() - 1)
 
 
 def prepare_process(configured: int = 0) -> int:

@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     # --- inference threads (issue 18; service/cpu.py) -------------------------------------------------
     inference_threads: int = Field(
         0, ge=0, description="Intra-op threads of inference (EAS_INFERENCE_THREADS); 0 = OMP_NUM_THREADS if set, "
-                             "else the CPUs the process may use (affinity and cgroup quota, not the host's cores).",
+                             "else the CPUs the process may use (affinity and cgroup quota, not the host's cores) "
+                             "less one, which the event loop and preprocessing keep (service/cpu.py).",
     )
 
     # --- following the registry's active version (issue 16; service/runner/follower.py) --------------

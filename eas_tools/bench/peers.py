@@ -19,9 +19,10 @@ round), so load that comes and goes on a shared machine lands on all of them. Th
 per-cell medians over rounds of req/s and p50 latency, and eas-serve's paired per-round ratios against
 each peer (median of the ratios).
 
-`--cotenant` starts a CPU-bound process pinned to one core and measures eas-serve three ways beside it:
-its default threads (service/cpu.py: usable CPUs, OMP_WAIT_POLICY=PASSIVE), 1 thread, and 2 threads with
-the OpenMP wait policy left unset (the behaviour before issue 18); the ratio to 1 thread is the acceptance.
+`--cotenant` starts a CPU-bound process pinned to one core and measures eas-serve four ways beside it:
+its default threads (service/cpu.py: usable CPUs less one, OMP_WAIT_POLICY=PASSIVE), 1 thread, every CPU
+with the passive policy, and 2 threads with the OpenMP wait policy left unset (the behaviour before issue
+18); the ratio to 1 thread is the acceptance. `--no-neighbour` runs the same set-ups without the neighbour.
 """
 
 from __future__ import annotations
@@ -416,6 +417,7 @@ def run_cotenant(args: argparse.Namespace) -> Report:
     setups = {  # label -> the server's thread environment (None: nothing set, service/cpu.py decides)
         "default": {},
         "1-thread": thread_env(1),
+        "all-cpus-passive": thread_env(len(os.sched_getaffinity(0)), "PASSIVE"),  # every CPU to torch, passive
         "2-threads-unset-policy": {**thread_env(2), OLD_THREADS: "1"},  # before issue 18: torch's own choice
     }
     base = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
@@ -425,11 +427,12 @@ def run_cotenant(args: argparse.Namespace) -> Report:
         for label, env in setups.items():
             environment = {**base, **env}
             servers.append(stack.enter_context(start_server("eas-serve", args, label=label, env=environment)))
-        neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"],
-                                     preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
-        stack.callback(neighbour.wait, 10)
-        stack.callback(neighbour.kill)
-        time.sleep(0.5)
+        if not args.no_neighbour:  # --no-neighbour: the same three set-ups on the machine as it is
+            neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                         preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+            stack.callback(neighbour.wait, 10)
+            stack.callback(neighbour.kill)
+            time.sleep(0.5)
         for rnd in range(args.rounds):
             for clients in clients_list:
                 for cell in measure_cell(servers, bodies, clients, rnd, args.duration, args.warmup, args.slices):
@@ -438,7 +441,7 @@ def run_cotenant(args: argparse.Namespace) -> Report:
                           f"p50 {cell.p50_ms:6.1f} ms", file=sys.stderr, flush=True)
     report.load_after = _load()
     report.cells = [{**asdict(c), "rps": c.rps} for c in cells]
-    report.summary = summarise(cells, "default", ["1-thread", "2-threads-unset-policy"])
+    report.summary = summarise(cells, "default", ["1-thread", "all-cpus-passive", "2-threads-unset-policy"])
     return report
 
 
@@ -494,6 +497,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window-ms", type=float, default=5.0, help="eas-serve's max batch wait")
     parser.add_argument("--litserve-timeout-ms", type=float, default=5.0, help="LitServe's batch_timeout")
     parser.add_argument("--cotenant", action="store_true", help="eas-serve's threads beside a busy neighbour")
+    parser.add_argument("--no-neighbour", action="store_true",
+                        help="with --cotenant: the same thread set-ups without the neighbour (the control)")
     parser.add_argument("--cpu", action="store_true", help="one client: wall and server CPU time per request")
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
     args = parser.parse_args(argv)

@@ -33,8 +33,17 @@ def test_threads_follow_a_restricted_affinity() -> None:
     mine = sorted(os.sched_getaffinity(0))
     pinned = _child({mine[0]})
     assert pinned == {"chosen": 1, "torch": 1, "policy": "PASSIVE"}
-    if len(mine) > 1 and cgroup_quota() is None:  # negative control: with every CPU the count is larger
-        assert _child(None)["torch"] == len(mine)
+    if len(mine) > 2 and cgroup_quota() is None:  # negative control: with every CPU the count is larger
+        assert _child(None)["torch"] == len(mine) - 1
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 1), (8, 7), (64, 63)])
+def test_one_cpu_is_left_to_the_server(monkeypatch: pytest.MonkeyPatch, cpus: int, threads: int) -> None:
+    """All usable CPUs but one go to torch (the event loop and preprocessing keep one), never fewer than 1."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("service.cpu.os.sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr("service.cpu.cgroup_quota", lambda root=None: None)
+    assert inference_threads() == threads
 
 
 def test_operator_settings_win() -> None:
