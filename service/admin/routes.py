@@ -70,13 +70,15 @@ def dataset_roots(store: ModelStore, settings: Settings) -> list[Path]:
     return [(Path(store.root) / UPLOADS).resolve(), *(Path(root).resolve() for root in settings.dataset_roots)]
 
 
-def _allowed_dataset(dataset: str, roots: list[Path]) -> bool:
+def _under_roots(path: Path, roots: list[Path]) -> bool:
     """Inside one of the roots once resolved (symlinks and `..` followed), so a job reads no other file."""
-    path = Path(dataset)
-    if not path.is_absolute():
-        return False
     resolved = path.resolve()
     return any(resolved.is_relative_to(root) for root in roots)
+
+
+def _allowed_dataset(dataset: str, roots: list[Path]) -> bool:
+    path = Path(dataset)
+    return path.is_absolute() and _under_roots(path, roots)
 
 
 def _check_source(store: ModelStore, request: ConversionRequest, roots: list[Path] | None = None) -> str:
@@ -118,9 +120,7 @@ def _rows_outside_roots(dataset: Path, roots: list[Path]) -> list[int]:
             image = row.get("image") if isinstance(row, dict) else None
             if not isinstance(image, str) or not image.strip():
                 continue
-            path = Path(image.strip())
-            resolved = (path if path.is_absolute() else dataset.parent / path).resolve()
-            if not any(resolved.is_relative_to(root) for root in roots):
+            if not _under_roots(dataset.parent / image.strip(), roots):  # an absolute image replaces the folder
                 outside.append(number)
     return outside
 
