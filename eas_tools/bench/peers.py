@@ -387,32 +387,41 @@ def _load() -> str:
 
 # --- the two benchmarks ------------------------------------------------------------------------------------
 
+def interleaved_rounds(servers: list[Server], bodies: list[dict[str, Any]], args: argparse.Namespace) -> list[Cell]:
+    """Every round, every client count: each server's cell, measured in alternating slices."""
+    cells: list[Cell] = []
+    for rnd in range(args.rounds):
+        for clients in (int(c) for c in args.clients.split(",")):
+            for cell in measure_cell(servers, bodies, clients, rnd, args.duration, args.warmup, args.slices):
+                cells.append(cell)
+                print(f"round {rnd} clients {clients:>2} {cell.server:<24} {cell.rps:7.1f} req/s "
+                      f"p50 {cell.p50_ms:6.1f} ms", file=sys.stderr, flush=True)
+    return cells
+
+
+def finish(report: Report, cells: list[Cell], labels: list[str]) -> Report:
+    """The report's cells and its paired summary against the first label."""
+    report.load_after = _load()
+    report.cells = [{**asdict(c), "rps": c.rps} for c in cells]
+    report.summary = summarise(cells, labels[0], labels[1:])
+    return report
+
+
 def run_peers(args: argparse.Namespace) -> Report:
     bodies = request_bodies(args.requests, args.max_new_tokens)
-    clients_list = [int(c) for c in args.clients.split(",")]
     report = Report(settings={k: str(v) for k, v in vars(args).items()}, load_before=_load())
-    cells: list[Cell] = []
     with ExitStack() as stack:
         servers = [stack.enter_context(start_server(*_variant(name, args))) for name in args.servers.split(",")]
         for server in servers:
             report.answers[server.label] = answers(server, bodies)
         report.identical_answers = len({tuple(a) for a in report.answers.values()}) == 1
-        for rnd in range(args.rounds):
-            for clients in clients_list:
-                for cell in measure_cell(servers, bodies, clients, rnd, args.duration, args.warmup, args.slices):
-                    cells.append(cell)
-                    print(f"round {rnd} clients {clients:>2} {cell.server:<24} {cell.rps:7.1f} req/s "
-                          f"p50 {cell.p50_ms:6.1f} ms", file=sys.stderr, flush=True)
-    report.load_after = _load()
-    report.cells = [{**asdict(c), "rps": c.rps} for c in cells]
-    report.summary = summarise(cells, servers[0].label, [s.label for s in servers[1:]])
-    return report
+        cells = interleaved_rounds(servers, bodies, args)
+    return finish(report, cells, [s.label for s in servers])
 
 
 def run_cotenant(args: argparse.Namespace) -> Report:
-    """eas-serve beside a CPU-bound neighbour pinned to one core, three thread set-ups, interleaved."""
+    """eas-serve beside a CPU-bound neighbour pinned to one core, four thread set-ups, interleaved."""
     bodies = request_bodies(args.requests, args.max_new_tokens)
-    clients_list = [int(c) for c in args.clients.split(",")]
     report = Report(settings={k: str(v) for k, v in vars(args).items()}, load_before=_load())
     setups = {  # label -> the server's thread environment (None: nothing set, service/cpu.py decides)
         "default": {},
@@ -421,28 +430,19 @@ def run_cotenant(args: argparse.Namespace) -> Report:
         "2-threads-unset-policy": {**thread_env(2), OLD_THREADS: "1"},  # before issue 18: torch's own choice
     }
     base = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
-    cells: list[Cell] = []
     with ExitStack() as stack:
         servers = []
         for label, env in setups.items():
             environment = {**base, **env}
             servers.append(stack.enter_context(start_server("eas-serve", args, label=label, env=environment)))
-        if not args.no_neighbour:  # --no-neighbour: the same three set-ups on the machine as it is
+        if not args.no_neighbour:  # --no-neighbour: the same set-ups on the machine as it is
             neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"],
                                          preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
             stack.callback(neighbour.wait, 10)
             stack.callback(neighbour.kill)
             time.sleep(0.5)
-        for rnd in range(args.rounds):
-            for clients in clients_list:
-                for cell in measure_cell(servers, bodies, clients, rnd, args.duration, args.warmup, args.slices):
-                    cells.append(cell)
-                    print(f"round {rnd} clients {clients:>2} {cell.server:<24} {cell.rps:7.1f} req/s "
-                          f"p50 {cell.p50_ms:6.1f} ms", file=sys.stderr, flush=True)
-    report.load_after = _load()
-    report.cells = [{**asdict(c), "rps": c.rps} for c in cells]
-    report.summary = summarise(cells, "default", ["1-thread", "all-cpus-passive", "2-threads-unset-policy"])
-    return report
+        cells = interleaved_rounds(servers, bodies, args)
+    return finish(report, cells, list(setups))
 
 
 def run_cpu(args: argparse.Namespace) -> None:
