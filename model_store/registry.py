@@ -221,12 +221,7 @@ class Registry:
                 conn.exec_driver_sql("BEGIN")
             else:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
-            try:
-                yield conn
-                conn.commit()
-            except BaseException:
-                conn.rollback()
-                raise
+            yield from _committed(conn)
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
@@ -241,13 +236,18 @@ class Registry:
             else:
                 conn = conn.execution_options(isolation_level="READ COMMITTED")
                 conn.execute(select(func.pg_advisory_xact_lock(_WRITE_LOCK_KEY)))
-            try:
-                yield conn
-                conn.commit()
-            except BaseException:
-                conn.rollback()
-                raise
+            yield from _committed(conn)
 
+
+
+def _committed(conn: Connection) -> Iterator[Connection]:
+    """Hands out `conn`; commits when the block ends, rolls back when it raises (Registry.read/write)."""
+    try:
+        yield conn
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
 
 
 # --- queries: each takes a connection from Registry.read()/write() and works on either backend ------------
