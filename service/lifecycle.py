@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from eas.model.loading import LoadedModel, load_model
+from eas.model.loading import LoadedModel, load_model, resolve_device
 from service.batching.batcher import Batcher
 from service.errors import QueueFull, ServiceError, ServiceUnavailable
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
+from service.runner.process import ProcessRunner
 from service.runner.registry import RunnerRegistry, ServedVariant
 from service.runner.resolve import resolve_variants
 from service.runner.runner import ModelRunner, VariantInfo
@@ -50,6 +51,17 @@ class Phase(enum.StrEnum):
 def default_loader(info: VariantInfo, settings: Settings) -> LoadedModel:
     return load_model(info.path, device=settings.device, dtype=settings.dtype, name=info.model,
                       verify=not info.verified)
+
+
+def uses_model_process(settings: Settings, loader: Loader) -> bool:
+    """Run each variant's model in a process of its own (service/runner/process.py)? `EAS_MODEL_PROCESS`
+    when set; unset: on exactly when the model runs on the CPU, where the parent's interpreter lock was
+    measured to bound throughput, and the service loads with its own loader (a test's stand-in loader
+    cannot cross to another process). On a GPU it stays off until measured there: a second process
+    would hold a second CUDA context."""
+    if settings.model_process is not None:
+        return settings.model_process
+    return loader is default_loader and resolve_device(settings.device).type == "cpu"
 
 
 async def run_in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
@@ -95,6 +107,7 @@ class Service:
         # Image decode and the processor, per request, off the event loop and the batch workers.
         self.preprocessor = Preprocessor(settings.preprocess_threads, settings.max_decode_bytes,
                                          settings.retry_after_s, refusal_status=settings.queue_full_status)
+        self.model_process = uses_model_process(settings, loader)
         self.phase = Phase.LOADING
         self.started_unix = int(time.time())
         self.error: str | None = None
@@ -148,9 +161,18 @@ class Service:
     def _build(self, info: VariantInfo) -> ServedVariant:
         """Load, warm up and wrap one variant (runs in a thread)."""
         t0 = time.perf_counter()
-        runner = ModelRunner(self._loader(info, self.settings), info, self.threads)
+        model = self._loader(info, self.settings)
+        if self.model_process:
+            runner: ModelRunner = ProcessRunner(model, info, self.threads, loader=self._loader,
+                                                settings=self.settings, max_rows=self.settings.max_batch_size)
+        else:
+            runner = ModelRunner(model, info, self.threads)
         t1 = time.perf_counter()
-        runner.warm_up(self.settings.default_max_new_tokens)
+        try:
+            runner.warm_up(self.settings.default_max_new_tokens)
+        except BaseException:
+            runner.close()
+            raise
         log.info("variant %s: %s loaded from %s on %s/%s in %.2fs, warmed up in %.2fs", info.variant,
                  info.model, info.path, runner.device, runner.dtype, t1 - t0, time.perf_counter() - t1)
         s, m = self.settings, self.metrics
@@ -206,6 +228,7 @@ class Service:
             old.batcher.fail_all(lambda: ServiceUnavailable("the model version was replaced before this "
                                                             "request completed", code="replaced"))
         old.batcher.stop()
+        await asyncio.to_thread(old.runner.close)
 
     def _queue_full_error(self) -> ServiceError:
         headers = {"Retry-After": str(self.settings.retry_after_s)}
@@ -294,6 +317,7 @@ class Service:
         # tear down torch under a running batch (a stuck one is a daemon and cannot block exit).
         for served in self.registry.all():
             await asyncio.to_thread(served.batcher.join, 2.0)
+            await asyncio.to_thread(served.runner.close)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
                              "less one, which the event loop and preprocessing keep (service/cpu.py).",
     )
 
+    model_process: bool | None = Field(
+        None, description="Run each variant's model in a process of its own, beside the HTTP process "
+                          "(EAS_MODEL_PROCESS; service/runner/process.py); unset: on when the model runs on the "
+                          "CPU with the service's own loader.",
+    )
+
     # --- following the registry's active version (issue 16; service/runner/follower.py) --------------
     # The registry itself is chosen by EAS_REGISTRY_URL, which the store reads (model_store/registry.py), so
     # the server, its conversion workers and the CLI all open the same one.

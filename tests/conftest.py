@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,12 @@ from eas.zoo.llava import build_llava
 from model_store import ModelStore
 from tests.conversion.conftest import write_shapes_dataset
 from tests.model_store.postgres import postgres_server  # noqa: F401  (one throwaway PostgreSQL per session)
+
+# Each served variant would otherwise get a model process of its own (service/runner/process.py), which
+# costs a fresh interpreter importing torch (seconds) per app the suite starts, and servers the suite
+# spawns inherit this too. tests/service/test_model_process.py turns it on where it is the subject, and
+# passes `model_process=None` to test the default.
+os.environ.setdefault("EAS_MODEL_PROCESS", "false")
 
 
 @pytest.fixture(scope="session")

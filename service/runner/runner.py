@@ -120,6 +120,9 @@ class ModelRunner:
             return self.model.decode(ids[:, : limits[0]])
         return [self.model.decode(ids[i : i + 1, :n])[0] for i, n in enumerate(limits)]
 
+    def close(self) -> None:
+        """Release what the runner holds beyond its model (nothing here; a ProcessRunner's child process)."""
+
     def warm_up(self, max_new_tokens: int) -> Generation:
         """One real generation, so the first client request does not pay for lazy initialisation."""
         return self.generate([warmup_image()], ["what colour is the shape?"], [max_new_tokens])[0]

@@ -1,0 +1,358 @@
+"""One variant's model in a process of its own (Settings.model_process; docs/serving.md, "The model process").
+
+Why: in one process the event loop (HTTP, validation), the preprocessing threads and the batch worker's
+Python between matrix multiplies all take turns on one interpreter lock. On the 2-core machine that lock,
+not the cores, bounded throughput: at 16 clients eas-serve reached 0.73x LitServe, whose model runs in a
+worker process of its own (issue 18). Here the parent keeps everything request-sized (HTTP, validation,
+image decode, the processor) and the child only collates and runs batches, so the two run in parallel.
+
+The contract between them is `ModelRunner.run_batch`, unchanged: `ProcessRunner` is a `ModelRunner` whose
+`run_batch` ships the batch's rows to the child, which runs the same `ModelRunner.run_batch` on its own copy
+of the model and sends back the `Generation`s. Along the way:
+
+- **Tensors travel as numpy arrays** (`to_wire` / `from_wire`): pickling torch tensors serialises each
+  storage through torch.save, measured 7 ms + 9 ms for a batch of 16 prepared requests against 0.3 + 0.2 ms
+  as numpy (bf16 travels as its int16 bit pattern).
+- **Streaming**: the child's token sink sends `("delta", row, text)`; the parent hands it to the request's
+  sink on the batch worker thread, as the in-process runner does.
+- **Cancellation**: a shared array of one flag per batch row; the parent copies each request's `cancelled`
+  event into it while it waits, and the child's rows read it at every decode step.
+- **Threads**: the parent's `ThreadBudget` (which shrinks while conversion jobs run) goes with every batch.
+- **Memory**: the parent's copy of the weights is released (moved to the meta device) once it has been
+  loaded and verified; the parent still needs the processor, the config and the plan.
+- **Failure**: if the child dies, the batch it held fails (500, logged) and the next batch starts a new
+  child. The child exits when the parent does (its end of the socket closes), kill -9 included.
+- **Start**: the child is `python -m service.runner.process FD`, not a multiprocessing spawn, which would
+  import the parent's `__main__` again in the child (a script that starts the server at its top level
+  would start a second server there); what it needs comes over the socket, `sys.path` first.
+
+Timings in a `Generation` (first-token times included) are `time.monotonic()` readings, which are one
+clock for every process on Linux.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import mmap
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import BatchFeature
+
+from eas.model.loading import LoadedModel
+from service.batching.work import Generation, Sampling
+from service.runner.runner import ModelRunner, VariantInfo, warmup_image
+from service.runner.threads import ThreadBudget
+
+log = logging.getLogger(__name__)
+
+# How often the waiting parent copies cancellations into the shared flags (a cancelled row stops at the
+# child's next decode step after that).
+CANCEL_POLL_S = 0.01
+START_TIMEOUT_S = 600.0  # loading a large model from a slow disk
+STOP_TIMEOUT_S = 5.0
+
+
+class ModelProcessError(RuntimeError):
+    """The model process failed a batch, or is gone."""
+
+
+# --- the wire format -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Array:
+    data: Any  # numpy array
+    dtype: str  # the torch dtype's name
+
+
+def to_wire(value: Any) -> Any:
+    """`value` with every tensor replaced by a numpy array (BatchFeature, dict, list and tuple walked)."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bits
+            tensor = tensor.view(torch.int16)
+        return _Array(tensor.contiguous().numpy(), dtype)
+    if isinstance(value, BatchFeature):
+        return ("__batch_feature__", {k: to_wire(v) for k, v in value.items()})
+    if isinstance(value, dict):
+        return {k: to_wire(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_wire(v) for v in value)
+    return value
+
+
+def from_wire(value: Any) -> Any:
+    if isinstance(value, _Array):
+        tensor = torch.from_numpy(value.data)
+        return tensor.view(torch.bfloat16) if value.dtype == "bfloat16" else tensor
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "__batch_feature__":
+        return BatchFeature({k: from_wire(v) for k, v in value[1].items()})
+    if isinstance(value, dict):
+        return {k: from_wire(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(from_wire(v) for v in value)
+    return value
+
+
+def _send(conn: Connection, message: Any) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """What the child needs of one WorkItem (the rest — futures, the event loop — stays in the parent)."""
+
+    question: str
+    max_new_tokens: int
+    sampling: Sampling
+    streamed: bool
+    features: Any  # wire form of the processor's tensors, or None (then `image` is prepared in the child)
+    image: Image.Image | None
+    tokens: int
+
+
+# --- the child -----------------------------------------------------------------------------------------
+
+class _Flag:
+    """A cancel flag backed by the shared array: what RowControl reads (`is_set`)."""
+
+    def __init__(self, flags: Any, index: int) -> None:
+        self._flags, self._index = flags, index
+
+    def is_set(self) -> bool:
+        return bool(self._flags[self._index])
+
+
+@dataclasses.dataclass
+class _ChildItem:
+    """The WorkItem attributes ModelRunner.run_batch reads."""
+
+    question: str
+    max_new_tokens: int
+    sampling: Sampling
+    sink: Callable[[str], None] | None
+    cancelled: Any  # _Flag in the child; an Event for the parent's warm-up row
+    features: Any
+    image: Image.Image | None
+    tokens: int
+
+
+def child_main(conn: Connection) -> None:
+    """The model process: load, say ready, then run batches until told to stop or the parent is gone."""
+    try:
+        sys.path[:] = _recv(conn)  # before anything the parent names (its loader) is unpickled
+        flags_fd, rows, loader, info, settings = _recv(conn)
+        flags = mmap.mmap(flags_fd, rows)
+        model = loader(info, settings)
+        budget = ThreadBudget(threads=settings.inference_threads)
+        runner = ModelRunner(model, info, budget)
+        _send(conn, ("ready", runner.device, runner.dtype))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _send(conn, ("error", traceback.format_exc(limit=8)))
+        return
+    while True:
+        try:
+            message = _recv(conn)
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if message[0] == "stop":
+            return
+        _, specs, threads = message
+        budget.full = threads
+        items = [_child_item(conn, flags, k, spec) for k, spec in enumerate(specs)]
+        try:
+            generations = runner.run_batch(items)  # type: ignore[arg-type]
+            reply: tuple[Any, ...] = ("done", generations)
+        except Exception:
+            reply = ("error", traceback.format_exc(limit=8))
+        try:
+            _send(conn, reply)
+        except OSError:
+            return
+
+
+def _child_item(conn: Connection, flags: Any, k: int, spec: RowSpec) -> _ChildItem:
+    def sink(delta: str) -> None:
+        _send(conn, ("delta", k, delta))
+
+    features = from_wire(spec.features) if spec.features is not None else None
+    return _ChildItem(spec.question, spec.max_new_tokens, spec.sampling, sink if spec.streamed else None,
+                      _Flag(flags, k), features, spec.image, spec.tokens)
+
+
+# --- the parent ----------------------------------------------------------------------------------------
+
+class ProcessRunner(ModelRunner):
+    """A ModelRunner whose batches run in a child process holding its own copy of the model."""
+
+    def __init__(self, model: LoadedModel, info: VariantInfo, threads: ThreadBudget, *,
+                 loader: Callable[..., LoadedModel], settings: Any, max_rows: int) -> None:
+        super().__init__(model, info, threads)
+        self._device, self._dtype = str(model.device), str(model.dtype).removeprefix("torch.")
+        # The parent serves requests with the processor, config and plan only: release its weights.
+        model.model.to("meta")
+        self._loader = loader
+        # The parent has just verified the files; the child need not hash them again.
+        self._child_info = dataclasses.replace(info, verified=True)
+        self._settings = settings
+        self._rows = max(1, max_rows)
+        # One cancel flag per batch row, in memory both processes map (an anonymous file handed to the child).
+        self._flags_fd = os.memfd_create("eas-cancel-flags")
+        os.ftruncate(self._flags_fd, self._rows)
+        self._flags = mmap.mmap(self._flags_fd, self._rows)
+        self._lock = threading.Lock()  # one batch at a time (the batcher's worker; warm-up before it starts)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._closed = False
+        self.restarts = 0
+        with self._lock:
+            self._start()
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def dtype(self) -> str:
+        return self._dtype
+
+    @property
+    def pid(self) -> int | None:
+        """The model process's pid (None when there is none right now)."""
+        return self._process.pid if self._process is not None else None
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair()
+        child_fd = theirs.detach()
+        t0 = time.perf_counter()
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "service.runner.process", str(child_fd)],
+                                       pass_fds=(child_fd, self._flags_fd))
+        finally:
+            os.close(child_fd)
+        conn = Connection(ours.detach())
+        self._process, self._conn = process, conn
+        try:
+            _send(conn, list(sys.path))
+            _send(conn, (self._flags_fd, self._rows, self._loader, self._child_info, self._settings))
+            if not conn.poll(START_TIMEOUT_S):
+                raise ModelProcessError(f"the model process did not start within {START_TIMEOUT_S:.0f}s")
+            message = _recv(conn)
+        except (EOFError, OSError):
+            code = process.poll()
+            self._kill()
+            raise ModelProcessError(f"the model process exited while loading (exit code {code})") from None
+        except BaseException:
+            self._kill()
+            raise
+        if message[0] != "ready":
+            self._kill()
+            raise ModelProcessError(f"the model process failed to load:\n{message[1]}")
+        log.info("variant %s: model process %d ready in %.2fs", self.info.variant, process.pid,
+                 time.perf_counter() - t0)
+
+    def run_batch(self, items: list[Any]) -> list[Generation]:
+        with self._lock:
+            if self._closed:
+                raise ModelProcessError("the model process was stopped")
+            if self._process is None or self._process.poll() is not None:
+                self.restarts += 1
+                log.warning("variant %s: starting a new model process (restart %d)", self.info.variant,
+                            self.restarts)
+                self._kill()
+                self._start()
+            return self._exchange(items)
+
+    def _exchange(self, items: list[Any]) -> list[Generation]:
+        conn = self._conn
+        assert conn is not None
+        for k in range(len(items)):
+            self._flags[k] = False
+        specs = [RowSpec(i.question, i.max_new_tokens, i.sampling, i.sink is not None,
+                         to_wire(i.features) if i.features is not None else None,
+                         i.image if i.features is None else None, i.tokens) for i in items]
+        try:
+            _send(conn, ("batch", specs, self.threads.threads))
+            while True:
+                for k, item in enumerate(items):
+                    if item.cancelled.is_set():
+                        self._flags[k] = True
+                if not conn.poll(CANCEL_POLL_S):
+                    if self._process is None or self._process.poll() is not None:
+                        raise EOFError
+                    continue
+                message = _recv(conn)
+                if message[0] == "delta":
+                    sink = items[message[1]].sink
+                    if sink is not None:
+                        sink(message[2])
+                elif message[0] == "done":
+                    return list(message[1])
+                else:
+                    raise ModelProcessError(f"the model process failed the batch:\n{message[1]}")
+        except (EOFError, OSError):
+            code = self._process.poll() if self._process is not None else None
+            self._kill()
+            raise ModelProcessError(f"the model process exited during a batch (exit code {code}); "
+                                    "the next batch starts a new one") from None
+
+    def warm_up(self, max_new_tokens: int) -> Generation:
+        """One real generation through the child (it also proves the pipe works)."""
+        item = _ChildItem("what colour is the shape?", max_new_tokens, Sampling(), None, threading.Event(),
+                          None, warmup_image(), 0)
+        return self.run_batch([item])[0]
+
+    def close(self) -> None:
+        """Stop the child: after the batch it is running, or by force after STOP_TIMEOUT_S."""
+        acquired = self._lock.acquire(timeout=STOP_TIMEOUT_S)
+        try:
+            self._closed = True
+            if self._conn is not None and acquired:
+                with contextlib.suppress(OSError):
+                    _send(self._conn, ("stop",))
+            if self._process is not None and acquired:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._process.wait(STOP_TIMEOUT_S)
+            self._kill()
+            if acquired and not self._flags.closed:
+                self._flags.close()
+                os.close(self._flags_fd)
+        finally:
+            if acquired:
+                self._lock.release()
+
+    def _kill(self) -> None:
+        process, conn = self._process, self._conn
+        self._process, self._conn = None, None
+        if conn is not None:
+            conn.close()
+        if process is not None and process.poll() is None:
+            process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(STOP_TIMEOUT_S)
+
+
+if __name__ == "__main__":
+    # Imported under its own name, so the classes the parent pickles are the ones this code checks for.
+    from service.runner.process import child_main as _main
+
+    _main(Connection(int(sys.argv[1])))

@@ -1,0 +1,259 @@
+"""Each variant's model in a process of its own (service/runner/process.py, Settings.model_process).
+
+The parent's copy of the weights is moved to the meta device once the child is up, so an answer that comes
+back right can only have been computed by the child."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from transformers import BatchFeature
+
+from eas.model.loading import LoadedModel, load_model
+from service.batching.work import Sampling
+from service.lifecycle import default_loader, uses_model_process
+from service.runner.process import ModelProcessError, ProcessRunner, from_wire, to_wire
+from service.runner.runner import VariantInfo
+from service.runner.threads import ThreadBudget
+from service.settings import Settings
+from tests.service.conftest import ModelDirs, image_bytes, make_settings, running_app
+
+QUESTION = "what colour is the circle?"
+
+
+def slow_loader(info: VariantInfo, settings: Settings) -> LoadedModel:
+    """The default loader, with every forward pass of the language model slowed by 30 ms (importable by
+    name, so it can cross to the model process)."""
+    model = default_loader(info, settings)
+    model.model.register_forward_pre_hook(lambda module, args: time.sleep(0.03))
+    return model
+
+
+@pytest.fixture(scope="module")
+def direct(model_dirs: ModelDirs) -> LoadedModel:
+    return load_model(model_dirs.eas, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+async def served(model_dirs: ModelDirs):
+    # model_process=None: the default, which is on for a CPU model and the service's own loader.
+    async with running_app(make_settings(model_dirs, baseline_path=None, load_baseline=False,
+                                         model_process=None)) as pair:
+        yield pair
+
+
+def _runner(app: Any) -> ProcessRunner:
+    runner = app.state.service.registry.get("eas").runner
+    assert isinstance(runner, ProcessRunner)
+    return runner
+
+
+def _url(png: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _chat(png: bytes, **extra: Any) -> dict[str, Any]:
+    return {"model": "eas", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _url(png)}}, {"type": "text", "text": QUESTION}]}], **extra}
+
+
+# --- the decision --------------------------------------------------------------------------------------
+
+def test_default_is_on_for_the_cpu_with_the_services_loader(model_dirs: ModelDirs) -> None:
+    auto = make_settings(model_dirs, model_process=None)
+    assert uses_model_process(auto, default_loader)
+    assert not uses_model_process(auto, lambda info, settings: default_loader(info, settings))  # a test's stand-in
+    assert not uses_model_process(make_settings(model_dirs, model_process=False), default_loader)
+    assert uses_model_process(make_settings(model_dirs, model_process=True, device="cpu"), default_loader)
+
+
+def test_env_variable_reaches_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EAS_MODEL_PROCESS", "true")
+    assert Settings().model_process is True
+    monkeypatch.setenv("EAS_MODEL_PROCESS", "false")
+    assert Settings().model_process is False
+    monkeypatch.delenv("EAS_MODEL_PROCESS")
+    assert Settings().model_process is None
+
+
+# --- the wire format -----------------------------------------------------------------------------------
+
+def test_tensors_cross_as_arrays_and_come_back_equal() -> None:
+    generator = torch.Generator().manual_seed(0)
+    value = BatchFeature({
+        "input_ids": torch.randint(0, 1000, (1, 7), generator=generator),
+        "pixel_values": torch.randn(1, 3, 8, 8, generator=generator).to(torch.bfloat16),
+        "image_sizes": [torch.tensor([8, 8]), (torch.ones(2, dtype=torch.float16), "text")],
+    })
+    back = from_wire(to_wire(value))
+    assert isinstance(back, BatchFeature)
+    assert torch.equal(back["input_ids"], value["input_ids"])
+    assert back["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(back["pixel_values"].view(torch.int16), value["pixel_values"].view(torch.int16))
+    assert torch.equal(back["image_sizes"][0], value["image_sizes"][0])
+    assert back["image_sizes"][1][0].dtype == torch.float16 and back["image_sizes"][1][1] == "text"
+    # Negative control: a changed value does not compare equal after the trip.
+    changed = value["input_ids"].clone()
+    changed[0, 0] += 1
+    assert not torch.equal(from_wire(to_wire(changed)), value["input_ids"])
+
+
+# --- served through the child --------------------------------------------------------------------------
+
+@pytest.mark.anyio
+async def test_answers_come_from_the_child_and_equal_the_in_process_model(served, direct: LoadedModel) -> None:
+    app, client = served
+    runner = _runner(app)
+    assert runner.pid is not None and runner.pid != os.getpid()
+    # The parent holds no weights: it could not have computed these answers.
+    assert all(p.device.type == "meta" for p in runner.model.model.parameters())
+    cases = [image_bytes((200, 30, 30)), image_bytes((30, 160, 30), (64, 48), shape="rectangle"),
+             image_bytes((30, 30, 200), (40, 56))]
+    responses = await asyncio.gather(*(client.post("/v1/answer", json={
+        "image": _url(png).split(",", 1)[1], "question": QUESTION, "max_new_tokens": 6}) for png in cases))
+    for png, response in zip(cases, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.json()["answer"] == direct.answer([Image.open(io.BytesIO(png))], [QUESTION], 6)[0]
+    info = (await client.get("/info")).json()
+    served_info = next(v for v in info["variants"] if v["variant"] == "eas")
+    assert served_info["device"] == "cpu" and served_info["dtype"] == "float32"
+
+
+@pytest.mark.anyio
+async def test_tokens_stream_from_the_child(served, direct: LoadedModel) -> None:
+    _, client = served
+    png = image_bytes()
+    expected = direct.answer([Image.open(io.BytesIO(png))], [QUESTION], 8)[0]
+    response = await client.post("/v1/chat/completions", json=_chat(png, stream=True, max_tokens=8))
+    assert response.status_code == 200
+    chunks = [json.loads(line[6:]) for line in response.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    deltas = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    deltas = [d for d in deltas if d]
+    assert len(deltas) > 1 and "".join(deltas) == expected
+
+
+@pytest.mark.anyio
+async def test_seeded_sampling_and_stop_in_the_child(served) -> None:
+    _, client = served
+    png = image_bytes()
+
+    async def content(**extra: Any) -> str:
+        response = await client.post("/v1/chat/completions", json=_chat(png, max_tokens=8, **extra))
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    sampled = [await content(temperature=1.5, seed=7) for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    greedy = await content(temperature=0)
+    assert greedy == await content()
+    stop = greedy.strip()[-1]
+    assert await content(stop=[stop]) == greedy[:greedy.index(stop)].strip()
+
+
+@pytest.mark.anyio
+async def test_a_dead_child_is_replaced_and_the_service_answers_again(served) -> None:
+    app, client = served
+    runner = _runner(app)
+    old = runner.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    body = {"image": _url(image_bytes()).split(",", 1)[1], "question": QUESTION, "max_new_tokens": 4}
+    statuses = []
+    for _ in range(3):  # the batch that meets the dead child fails (500), the next one restarts it
+        statuses.append((await client.post("/v1/answer", json=body)).status_code)
+        if statuses[-1] == 200:
+            break
+    assert statuses[-1] == 200 and set(statuses) <= {200, 500}
+    assert runner.pid not in (None, old) and runner.restarts >= 1
+
+
+# --- the runner itself: cancellation, close, parent death ----------------------------------------------
+
+class _Item:
+    def __init__(self, features: Any, max_new_tokens: int, sink: Any = None) -> None:
+        self.question, self.max_new_tokens, self.sampling = QUESTION, max_new_tokens, Sampling()
+        self.sink, self.cancelled, self.features, self.image, self.tokens = sink, threading.Event(), features, None, 0
+
+
+def _process_runner(directory: Path, loader: Any = slow_loader) -> ProcessRunner:
+    info = VariantInfo(variant="eas", model="tiny", version="v1", kind="local", path=directory)
+    settings = Settings(device="cpu", dtype="fp32", model_process=True)
+    return ProcessRunner(loader(info, settings), info, ThreadBudget(threads=1), loader=loader, settings=settings,
+                         max_rows=4)
+
+
+def test_a_cancelled_row_stops_in_the_child_and_close_stops_it(model_dirs: ModelDirs) -> None:
+    runner = _process_runner(model_dirs.eas)
+    try:
+        features = runner.model.prepare_one(Image.open(io.BytesIO(image_bytes())), QUESTION)
+        got: list[str] = []
+        cancel_me = _Item(features, 40, sink=lambda delta: (got.append(delta), cancel_me.cancelled.set()))
+        keep = _Item(features, 12)
+        cancelled, finished = runner.run_batch([cancel_me, keep])
+        assert got, "the streamed row never produced a token"
+        assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens < 12
+        assert finished.finish_reason in ("length", "stop")
+        assert finished.completion_tokens >= cancelled.completion_tokens
+        pid = runner.pid
+    finally:
+        runner.close()
+    # close() stops the child, and the runner refuses batches from then on.
+    assert pid is not None and not _alive(pid) and runner.pid is None
+    with pytest.raises(ModelProcessError, match="stopped"):
+        runner.run_batch([_Item(None, 2)])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting to be reaped is gone for our purposes
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_the_child_dies_with_its_parent(model_dirs: ModelDirs, tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        from tests.service.test_model_process import _process_runner
+        from service.lifecycle import default_loader
+        from pathlib import Path
+        if __name__ == "__main__":
+            runner = _process_runner(Path({str(model_dirs.eas)!r}), default_loader)
+            print(runner.pid, flush=True)
+            time.sleep(120)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        line = parent.stdout.readline() if parent.stdout else ""
+        assert line.strip().isdigit(), f"parent did not report its child: {line!r}"
+        child = int(line)
+        assert _alive(child)
+        parent.kill()  # kill -9: no atexit, no cleanup in the parent
+        parent.wait(10)
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the model process outlived its parent by more than 5 s"
+    finally:
+        parent.kill()
