@@ -139,10 +139,22 @@ class Service:
             infos = await run_in_daemon_thread(self._resolver, self.settings)
             if not infos:
                 raise RuntimeError("nothing to serve: no variant resolved")
-            for index, info in enumerate(infos):
-                served = await run_in_daemon_thread(self._build, info)
-                if self.phase is not Phase.LOADING:  # shutdown began meanwhile
-                    return
+            # Loaded one by one (transformers' loading sets process-wide defaults), then warmed up side by
+            # side: with model processes, the warm-up waits for each child's own start-up and load.
+            runners: list[ModelRunner] = []
+            try:
+                for info in infos:
+                    runners.append(await run_in_daemon_thread(self._make_runner, info))
+                built = await asyncio.gather(*(run_in_daemon_thread(self._serve, r) for r in runners))
+            except BaseException:
+                for runner in runners:
+                    runner.close()
+                raise
+            if self.phase is not Phase.LOADING:  # shutdown began meanwhile
+                for runner in runners:
+                    runner.close()
+                return
+            for index, served in enumerate(built):
                 served.batcher.start()
                 self.registry.install(served, default=index == 0)
                 self._set_info_metric(served, 1)
@@ -160,6 +172,10 @@ class Service:
 
     def _build(self, info: VariantInfo) -> ServedVariant:
         """Load, warm up and wrap one variant (runs in a thread)."""
+        return self._serve(self._make_runner(info))
+
+    def _make_runner(self, info: VariantInfo) -> ModelRunner:
+        """Load one variant (in a thread); a ProcessRunner's child starts loading its own copy now."""
         t0 = time.perf_counter()
         model = self._loader(info, self.settings)
         if self.model_process:
@@ -167,14 +183,20 @@ class Service:
                                                 settings=self.settings, max_rows=self.settings.max_batch_size)
         else:
             runner = ModelRunner(model, info, self.threads)
-        t1 = time.perf_counter()
+        log.info("variant %s: %s loaded from %s on %s/%s in %.2fs", info.variant, info.model, info.path,
+                 runner.device, runner.dtype, time.perf_counter() - t0)
+        return runner
+
+    def _serve(self, runner: ModelRunner) -> ServedVariant:
+        """Warm a loaded runner up and give it a batcher (in a thread)."""
+        info = runner.info
+        t0 = time.perf_counter()
         try:
             runner.warm_up(self.settings.default_max_new_tokens)
         except BaseException:
             runner.close()
             raise
-        log.info("variant %s: %s loaded from %s on %s/%s in %.2fs, warmed up in %.2fs", info.variant,
-                 info.model, info.path, runner.device, runner.dtype, t1 - t0, time.perf_counter() - t1)
+        log.info("variant %s: warmed up in %.2fs", info.variant, time.perf_counter() - t0)
         s, m = self.settings, self.metrics
         labels = {"model": info.model, "variant": info.variant}
         depth = m.queue_depth.labels(**labels)

@@ -21,10 +21,11 @@ of the model and sends back the `Generation`s. Along the way:
 - **Memory**: the parent's copy of the weights is released (moved to the meta device) once it has been
   loaded and verified; the parent still needs the processor, the config and the plan.
 - **Failure**: if the child dies, the batch it held fails (500, logged) and the next batch starts a new
-  child. The child exits when the parent does (its end of the socket closes), kill -9 included.
-- **Start**: the child is `python -m service.runner.process FD`, not a multiprocessing spawn, which would
+  child. The child exits when the parent does, kill -9 included: its end of the socket closes, and a
+  watchdog thread sees it re-parented even while it is loading or running a batch.
+- **Start**: the child is `python -m service.runner.process_main FD PID`, not a multiprocessing spawn, which would
   import the parent's `__main__` again in the child (a script that starts the server at its top level
-  would start a second server there); what it needs comes over the socket, `sys.path` first.
+  would start a second server there); it gets the parent's import path, and the rest over the socket.
 
 Timings in a `Generation` (first-token times included) are `time.monotonic()` readings, which are one
 clock for every process on Linux.
@@ -156,9 +157,9 @@ class _ChildItem:
 
 
 def child_main(conn: Connection) -> None:
-    """The model process: load, say ready, then run batches until told to stop or the parent is gone."""
+    """The model process (started by service/runner/process_main.py): load, say ready, then run batches
+    until told to stop or the parent is gone."""
     try:
-        sys.path[:] = _recv(conn)  # before anything the parent names (its loader) is unpickled
         flags_fd, rows, loader, info, settings = _recv(conn)
         flags = mmap.mmap(flags_fd, rows)
         model = loader(info, settings)
@@ -209,7 +210,11 @@ class ProcessRunner(ModelRunner):
         super().__init__(model, info, threads)
         self._device, self._dtype = str(model.device), str(model.dtype).removeprefix("torch.")
         # The parent serves requests with the processor, config and plan only: release its weights.
-        model.model.to("meta")
+        try:
+            model.model.to("meta")
+        except Exception:  # a model that cannot move keeps its weights here: memory, not correctness
+            log.warning("variant %s: could not release the parent's copy of the weights", info.variant,
+                        exc_info=True)
         self._loader = loader
         # The parent has just verified the files; the child need not hash them again.
         self._child_info = dataclasses.replace(info, verified=True)
@@ -224,8 +229,10 @@ class ProcessRunner(ModelRunner):
         self._conn: Connection | None = None
         self._closed = False
         self.restarts = 0
+        self._ready = False
+        self._started_at = 0.0
         with self._lock:
-            self._start()
+            self._start()  # loads while the caller does other work; the first batch waits for it
 
     @property
     def device(self) -> str:
@@ -241,19 +248,31 @@ class ProcessRunner(ModelRunner):
         return self._process.pid if self._process is not None else None
 
     def _start(self) -> None:
+        """Start a child and send it what to load; `_await_ready` waits for it (so several variants' children
+        can load side by side)."""
         ours, theirs = socket.socketpair()
         child_fd = theirs.detach()
-        t0 = time.perf_counter()
         try:
-            process = subprocess.Popen([sys.executable, "-m", "service.runner.process", str(child_fd)],
-                                       pass_fds=(child_fd, self._flags_fd))
+            # The parent's import path, so the child finds this package and the loader the parent names.
+            path = os.pathsep.join(p or os.getcwd() for p in sys.path)
+            process = subprocess.Popen([sys.executable, "-m", "service.runner.process_main", str(child_fd),
+                                        str(os.getpid())],
+                                       pass_fds=(child_fd, self._flags_fd), env={**os.environ, "PYTHONPATH": path})
         finally:
             os.close(child_fd)
         conn = Connection(ours.detach())
-        self._process, self._conn = process, conn
+        self._process, self._conn, self._started_at = process, conn, time.perf_counter()
         try:
-            _send(conn, list(sys.path))
             _send(conn, (self._flags_fd, self._rows, self._loader, self._child_info, self._settings))
+        except BaseException:
+            self._kill()
+            raise
+        self._ready = False
+
+    def _await_ready(self) -> None:
+        process, conn = self._process, self._conn
+        assert process is not None and conn is not None
+        try:
             if not conn.poll(START_TIMEOUT_S):
                 raise ModelProcessError(f"the model process did not start within {START_TIMEOUT_S:.0f}s")
             message = _recv(conn)
@@ -267,8 +286,9 @@ class ProcessRunner(ModelRunner):
         if message[0] != "ready":
             self._kill()
             raise ModelProcessError(f"the model process failed to load:\n{message[1]}")
+        self._ready = True
         log.info("variant %s: model process %d ready in %.2fs", self.info.variant, process.pid,
-                 time.perf_counter() - t0)
+                 time.perf_counter() - self._started_at)
 
     def run_batch(self, items: list[Any]) -> list[Generation]:
         with self._lock:
@@ -280,6 +300,8 @@ class ProcessRunner(ModelRunner):
                             self.restarts)
                 self._kill()
                 self._start()
+            if not self._ready:
+                self._await_ready()
             return self._exchange(items)
 
     def _exchange(self, items: list[Any]) -> list[Generation]:
@@ -350,9 +372,3 @@ class ProcessRunner(ModelRunner):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(STOP_TIMEOUT_S)
 
-
-if __name__ == "__main__":
-    # Imported under its own name, so the classes the parent pickles are the ones this code checks for.
-    from service.runner.process import child_main as _main
-
-    _main(Connection(int(sys.argv[1])))

@@ -184,6 +184,23 @@ async def test_a_dead_child_is_replaced_and_the_service_answers_again(served) ->
     assert runner.pid not in (None, old) and runner.restarts >= 1
 
 
+@pytest.mark.anyio
+async def test_hot_activation_starts_a_new_child_and_stops_the_old(served, model_dirs: ModelDirs) -> None:
+    app, client = served
+    service = app.state.service
+    old = _runner(app)
+    old_pid = old.pid
+    assert old_pid is not None
+    info = VariantInfo(variant="eas", model="tiny-llava", version="v2", kind="local", path=model_dirs.eas)
+    await service.replace_variant(info, default=True)
+    new = _runner(app)
+    assert new is not old and new.pid not in (None, old_pid)
+    assert old.pid is None and not _alive(old_pid)  # retired: its child stopped
+    body = {"image": _url(image_bytes()).split(",", 1)[1], "question": QUESTION, "max_new_tokens": 4}
+    response = await client.post("/v1/answer", json=body)
+    assert response.status_code == 200 and response.json()["version"] == "v2"
+
+
 # --- the runner itself: cancellation, close, parent death ----------------------------------------------
 
 class _Item:
