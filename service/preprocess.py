@@ -89,11 +89,13 @@ class Preprocessor:
     async def prepare(self, model: LoadedModel, data: bytes, question: str, *, limits: ImageLimits,
                       max_prompt_tokens: int, deadline: float) -> Prepared:
         loop = asyncio.get_running_loop()
-        # The header first (in the pool: a PNG's chunk walk is bounded, not free), to pick the lane.
-        width, height = await loop.run_in_executor(self._pool, _header_size, data, limits)
         args = (model, data, question, limits, max_prompt_tokens, deadline)
-        if width * height <= self.large_pixels:
-            return await loop.run_in_executor(self._pool, self._prepare, *args)
+        # One trip to the pool for an ordinary image: the header (a PNG's chunk walk is bounded, not free)
+        # picks the lane there, and a small image is prepared on the spot. A large one comes back (None)
+        # and goes to its own lane.
+        prepared = await loop.run_in_executor(self._pool, self._prepare_unless_large, *args)
+        if prepared is not None:
+            return prepared
         if self._large_count >= self.large_waiting:
             raise self._overloaded("large images")
         self._large_count += 1
@@ -101,6 +103,13 @@ class Preprocessor:
             return await loop.run_in_executor(self._large, self._prepare_large, *args)
         finally:
             self._large_count -= 1
+
+    def _prepare_unless_large(self, model: LoadedModel, data: bytes, question: str, limits: ImageLimits,
+                              max_prompt_tokens: int, deadline: float) -> Prepared | None:
+        width, height = _header_size(data, limits)
+        if width * height > self.large_pixels:
+            return None
+        return self._prepare(model, data, question, limits, max_prompt_tokens, deadline)
 
     def _prepare_large(self, *args: Any) -> Prepared:
         try:

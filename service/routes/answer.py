@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
-from service.deps import INFERENCE_GUARDS, MetricsDep, ServiceDep, SettingsDep
+from service.deps import INFERENCE_GUARDS, ServiceDep
 from service.inference import infer
 from service.openapi import standalone_schema
 from service.validation.requests import AnswerForm, AnswerJSON, read_answer_request
@@ -45,9 +45,8 @@ async def answer(
     request: Request,
     response: Response,
     service: ServiceDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
 ) -> AnswerResponse:
+    settings, metrics = service.settings, service.metrics  # one dependency, not three (deps.py)
     parsed = await read_answer_request(request, settings)
     # Looked up right before admission (no await in between) and held for the whole request, so a hot
     # swap of this variant cannot strand it: it completes on the runner it was admitted to.

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from service.batching.work import TokenSink
-from service.deps import INFERENCE_GUARDS, MetricsDep, ServiceDep, SettingsDep
+from service.deps import INFERENCE_GUARDS, ServiceDep
 from service.errors import ServiceError, UnsupportedMediaType
 from service.inference import Outcome, infer
 from service.openapi import standalone_schema
@@ -72,9 +72,8 @@ async def chat_completions(
     request: Request,
     response: Response,
     service: ServiceDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
 ) -> ChatCompletion | StreamingResponse:
+    settings, metrics = service.settings, service.metrics  # one dependency, not three (deps.py)
     if not is_json(media_type(request)):
         raise UnsupportedMediaType("Content-Type must be application/json")
     body: ChatCompletionRequest = validate_model(ChatCompletionRequest, await read_json(request))
