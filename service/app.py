@@ -25,6 +25,7 @@ from service.lifecycle import Loader, Resolver, Service, default_loader, run_in_
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.openapi import ERROR_RESPONSES, add_doc_routes
+from service.penalties import ClientPenalties
 from service.routes import answer, chat, health, metrics, models
 from service.runner.follower import start_follower
 from service.runner.resolve import resolve_variants
@@ -103,7 +104,12 @@ def create_app(
     app.state.api_auth = TokenVerifier(settings.api_token)
     app.state.admin_auth = TokenVerifier(settings.admin_token)
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, metrics=app_metrics, max_body_bytes=settings.max_body_bytes)
+    # Shared with the connection layer (service/server.py), which charges the 431s and 408s it sends.
+    app.state.penalties = penalties = (
+        ClientPenalties(settings.client_error_burst, settings.client_error_rate_per_s, settings.client_error_delay_s)
+        if settings.client_error_burst > 0 else None)
+    app.add_middleware(RequestContextMiddleware, metrics=app_metrics, max_body_bytes=settings.max_body_bytes,
+                       penalties=penalties)
     app.state.admin = None
     for module in (answer, chat, models, health, metrics, admin):
         app.include_router(module.router)

@@ -7,28 +7,35 @@ For every HTTP request it
   also covers chunked bodies without a Content-Length (the declared length is checked earlier, by a
   route dependency, after authentication);
 - records `eas_requests_total` and `eas_request_duration_seconds` for the `/v1/` routes, labelled with
-  the variant the route chose (left in `request.state`).
+  the variant the route chose (left in `request.state`);
+- charges each 4xx answer to the client's error budget, and answers a client whose budget is spent with
+  a delayed 429 without reading its request (service/penalties.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, error_body
 from service.metrics import Metrics
+from service.penalties import ClientPenalties, retry_after_header
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")  # echoed into headers and logs: no CR/LF
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int,
+                 penalties: ClientPenalties | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.penalties = penalties
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,6 +47,14 @@ class RequestContextMiddleware:
         state["request_id"] = request_id
         state["started_at"] = started
         header = (b"x-request-id", request_id.encode())
+        client = scope.get("client")
+        address = client[0] if client else None
+        penalties = self.penalties
+        if penalties is not None and not scope["path"].startswith("/health"):
+            wait = penalties.retry_after(address)
+            if wait is not None:
+                await self._refuse_client(send, wait, request_id, penalties.delay_s)
+                return
         limit = self.max_body_bytes
         received = 0
         status = 500
@@ -69,6 +84,22 @@ class RequestContextMiddleware:
             if tracked:
                 self.metrics.in_flight.dec()
                 self._observe(scope, state, status, time.monotonic() - started)
+            if penalties is not None and 400 <= status < 500:
+                penalties.charge(address, body_bytes=received)
+
+    async def _refuse_client(self, send: Send, wait_s: float, request_id: str, delay_s: float) -> None:
+        """429 for a client whose error budget is spent, after `delay_s`: its request is never read (the
+        connection closes), and a client looping on refusals sends one request per delay per connection."""
+        await asyncio.sleep(delay_s)
+        self.metrics.rejected.labels(reason="too_many_errors").inc()
+        body = json.dumps(error_body(
+            code="too_many_errors", type_="rate_limit_error", request_id=request_id,
+            message="too many refused requests from this client; retry after the time in Retry-After")).encode()
+        await send({"type": "http.response.start", "status": 429, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", retry_after_header(wait_s).encode()), (b"connection", b"close"),
+            (b"x-request-id", request_id.encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     def _observe(self, scope: Scope, state: dict, status: int, elapsed: float) -> None:
         route = scope.get("route")

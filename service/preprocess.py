@@ -22,8 +22,10 @@ Retry-After past that), so ordinary requests never wait behind a flood of the la
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +74,7 @@ class DecodeBudget:
 # the largest allowed images never queues ordinary requests behind them (issue 17, M1).
 LARGE_PIXELS = 1024 * 1024
 LARGE_WAITING = 4
+LARGE_NICENESS = 10
 
 
 class Preprocessor:
@@ -79,7 +82,7 @@ class Preprocessor:
                  large_pixels: int = LARGE_PIXELS, large_waiting: int = LARGE_WAITING) -> None:
         self.refusal_status = refusal_status  # as for a full queue (Settings.queue_full_status)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
-        self._large = ThreadPoolExecutor(1, thread_name_prefix="preprocess-large")
+        self._large = ThreadPoolExecutor(1, thread_name_prefix="preprocess-large", initializer=_lower_priority)
         self.large_pixels = large_pixels
         self.large_waiting = large_waiting
         self._large_count = 0  # large images waiting or decoding; only touched on the event loop
@@ -153,6 +156,15 @@ class Preprocessor:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._large.shutdown(wait=False, cancel_futures=True)
+
+
+def _lower_priority(niceness: int = LARGE_NICENESS) -> None:
+    """Run this thread (the large-image lane) at a lower CPU priority: a flood of the largest images then
+    decodes in the time ordinary requests and the model leave over, instead of taking a core from them.
+    Linux gives each thread its own niceness; Pillow's decoders release the GIL, so a descheduled decode
+    holds nobody up. Elsewhere this does nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
 
 def _trim_heap() -> None:

@@ -34,6 +34,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.lifecycle import Service
+from service.penalties import ClientPenalties, retry_after_header
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,19 +85,24 @@ class DrainingServer(uvicorn.Server):
 _HEADER_END = b"\r\n\r\n"
 
 
-def _error_bytes(status: int, reason: str, code: str, message: str) -> bytes:
+def _error_bytes(status: int, reason: str, code: str, message: str, retry_after: float | None = None) -> bytes:
     """A complete HTTP/1.1 response in the service's error shape (service/errors.py), closing the connection."""
-    body = json.dumps({"error": {"code": code, "message": message, "type": "invalid_request_error",
+    kind = "rate_limit_error" if status == 429 else "invalid_request_error"
+    body = json.dumps({"error": {"code": code, "message": message, "type": kind,
                                  "param": None, "request_id": None}}).encode()
+    extra = f"retry-after: {retry_after_header(retry_after)}\r\n" if retry_after is not None else ""
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n")
+            f"{extra}connection: close\r\n\r\n")
     return head.encode("ascii") + body
 
 
 class GuardedHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a header-size limit and header/body read timeouts."""
+    """uvicorn's httptools protocol with a header-size limit and header/body read timeouts, whose
+    refusals count against the peer's error budget (service/penalties.py); a peer past its budget is not
+    read at all: its connection waits the penalty delay and gets 429."""
 
     settings: Settings  # set on the subclass `guarded_protocol` makes
+    penalties: ClientPenalties | None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -104,6 +110,16 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._header_bytes = 0
         self._tail = b""  # the last bytes seen, so a header end split across two reads is still found
         self._timer: asyncio.TimerHandle | None = None
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) and peer else None
+        wait = self.penalties.retry_after(self._peer) if self.penalties is not None else None
+        self._spent = wait is not None
+        if wait is not None:
+            transport.pause_reading()  # nothing it sends is parsed or buffered here (see data_received)
+            self._arm(self.penalties.delay_s, lambda: self._refuse(  # type: ignore[union-attr]
+                429, "Too Many Requests", "too_many_errors", "too many refused requests from this client; "
+                "retry after the time in Retry-After", retry_after=wait, charge=False))
+            return
         self._arm(self.settings.header_timeout_s, self._header_timeout)  # a connection that sends nothing
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -111,6 +127,8 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._spent:
+            return  # bytes that arrived with the connection, before reading paused: dropped unparsed
         if self._awaiting_headers:
             if self._timer is None:  # first byte of a request on a kept-alive connection
                 self._arm(self.settings.header_timeout_s, self._header_timeout)
@@ -162,23 +180,27 @@ class GuardedHttpTools(HttpToolsProtocol):
             self._refuse(408, "Request Timeout", "body_timeout",
                          f"the request body paused for more than {self.settings.body_timeout_s:g} s")
 
-    def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
+    def _refuse(self, status: int, reason: str, code: str, message: str, *, retry_after: float | None = None,
+                charge: bool = True) -> None:
         self._disarm()
+        if charge and self.penalties is not None:
+            self.penalties.charge(self._peer)
         if not self.transport.is_closing():
-            self.transport.write(_error_bytes(status, reason, code, message))
+            self.transport.write(_error_bytes(status, reason, code, message, retry_after))
             self.transport.close()
         if self.cycle is not None:  # a request already handed to the app sees its client gone
             self.cycle.disconnected = True
             self.cycle.message_event.set()
 
 
-def guarded_protocol(settings: Settings) -> type[GuardedHttpTools]:
-    return type("GuardedHttpToolsProtocol", (GuardedHttpTools,), {"settings": settings})
+def guarded_protocol(settings: Settings, penalties: ClientPenalties | None = None) -> type[GuardedHttpTools]:
+    return type("GuardedHttpToolsProtocol", (GuardedHttpTools,), {"settings": settings, "penalties": penalties})
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, **kwargs: object) -> uvicorn.Config:
     """The uvicorn configuration every way of serving uses: the connection limits come from `settings`."""
-    return uvicorn.Config(app, http=guarded_protocol(settings),  # type: ignore[arg-type]
+    penalties = getattr(app.state, "penalties", None)
+    return uvicorn.Config(app, http=guarded_protocol(settings, penalties),  # type: ignore[arg-type]
                           timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
                           limit_concurrency=settings.max_connections, **kwargs)  # type: ignore[arg-type]
 

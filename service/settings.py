@@ -132,6 +132,15 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description="Longest pause between two chunks of a request body.")
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="Idle keep-alive connections close after this.")
     max_connections: int = Field(1000, ge=1, description="Concurrent connections; past it, 503 at once.")
+    client_error_burst: int = Field(
+        30, ge=0, description="Refused requests (4xx, and connections refused with 431/408) a client address may "
+                              "have in a burst before its requests are answered 429 unread (service/penalties.py); "
+                              "0 turns the error budget off.",
+    )
+    client_error_rate_per_s: float = Field(5.0, ge=0, description="Refused requests per second a client earns back.")
+    client_error_delay_s: float = Field(
+        1.0, ge=0, description="How long a client past its error budget waits for its 429.",
+    )
 
     # --- lifecycle ------------------------------------------------------------------------------------
     shutdown_timeout_s: float = Field(30.0, ge=0, description="Drain budget for queued/in-flight requests.")

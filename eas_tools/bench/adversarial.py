@@ -4,9 +4,10 @@
 
 A server (`serve` below: create_app + the connection limits of service/server.py, default Settings) runs
 in its own process on 127.0.0.1, serving a tiny LLaVA (eas.zoo.llava, seeded) as `baseline`. Each attacker
-runs in a process of its own (`--attack`); this process drives the rest: 8 normal clients in a closed
-loop (`POST /v1/answer`, a small PNG and a short question) and a `/health/live` probe every 50 ms, first
-with no attacker, then beside one attacker of each kind for `--seconds` each:
+runs in a process of its own (`--attack`) and connects from 127.0.0.2, as from another machine (the
+server's per-address error budget, service/penalties.py, applies to it); this process drives the rest:
+8 normal clients in a closed loop (`POST /v1/answer`, a small PNG and a short question) and a
+`/health/live` probe every 50 ms, first with no attacker, then beside one attacker of each kind for `--seconds` each:
 
 - long_token: a 1,000-emoji question (under the character limit, ~4,000 byte-level tokens);
 - png_chunk_bomb: a ~12 MB PNG of 1,000,000 empty chunks;
@@ -45,6 +46,9 @@ import psutil
 from PIL import Image, ImageDraw
 
 HOST = "127.0.0.1"
+# Attackers connect from another loopback address, as they would from another machine: the server's
+# per-address error budget (service/penalties.py) then tells them from the normal clients (127.0.0.1).
+ATTACKER_ADDRESS = "127.0.0.2"
 NORMAL_CLIENTS = 8
 PROBE_INTERVAL_S = 0.05
 QUESTION = "what colour is the shape?"
@@ -83,7 +87,8 @@ def multipart(image: bytes, question: str) -> dict[str, Any]:
 # --- the server ------------------------------------------------------------------------------------------
 
 def serve(model_dir: Path, port: int) -> None:
-    """The server process: default Settings but the model path; the connection limits of uvicorn_config."""
+    """The server process: default Settings but the model path (so the model runs in a process of its own:
+    service/runner/process.py); the connection limits of uvicorn_config."""
     from service.app import create_app
     from service.server import DrainingServer, uvicorn_config
     from service.settings import Settings
@@ -93,6 +98,15 @@ def serve(model_dir: Path, port: int) -> None:
     app = create_app(settings)
     config = uvicorn_config(app, settings, host=HOST, port=port, log_level="warning", lifespan="on")
     DrainingServer(config, app.state.service).run()
+
+
+def tree_rss(server: psutil.Process) -> int:
+    """RSS of the server and its children (its model processes, service/runner/process.py)."""
+    total = 0
+    for process in [server, *server.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total
 
 
 def build_model(directory: Path) -> Path:
@@ -155,7 +169,8 @@ async def probe(url: str, tally: Tally, stop: asyncio.Event) -> None:
 
 
 async def _loop_posts(url: str, tally: Tally, stop: asyncio.Event, path: str, **request: Any) -> None:
-    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=60) as client:
+    transport = httpx.AsyncHTTPTransport(local_address=ATTACKER_ADDRESS)
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=60, transport=transport) as client:
         while not stop.is_set():
             try:
                 response = await client.post(path, **request)
@@ -166,7 +181,7 @@ async def _loop_posts(url: str, tally: Tally, stop: asyncio.Event, path: str, **
 
 async def _raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     port = int(url.rsplit(":", 1)[1])
-    return await asyncio.open_connection(HOST, port)
+    return await asyncio.open_connection(HOST, port, local_addr=(ATTACKER_ADDRESS, 0))
 
 
 async def huge_header(url: str, tally: Tally, stop: asyncio.Event) -> None:
@@ -256,8 +271,19 @@ async def attack_for(url: str, kind: str, seconds: float) -> dict[int, int]:
     return tally.statuses
 
 
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 async def run_kind(url: str, kind: str, seconds: float, server: psutil.Process) -> dict[str, Any]:
-    rss_before = server.memory_info().rss
+    rss_before = tree_rss(server)
+    server_tree = [server, *server.children(recursive=True)]
+    me = psutil.Process()
     tally, stop = Tally(), asyncio.Event()
     # The attacker runs in its own process, so its client-side work never delays this process's probe.
     attack = None if kind == "none" else await asyncio.create_subprocess_exec(
@@ -265,38 +291,50 @@ async def run_kind(url: str, kind: str, seconds: float, server: psutil.Process) 
         "--seconds", str(seconds), stdout=asyncio.subprocess.PIPE)
     if attack is not None:
         await asyncio.sleep(0.5)  # its payload is built before it starts sending
+    cpu0 = [cpu_seconds(server_tree), cpu_seconds([me])]
+    attacker_cpu = 0.0
     tasks = [asyncio.create_task(normal_client(url, tally, stop)) for _ in range(NORMAL_CLIENTS)]
     tasks.append(asyncio.create_task(probe(url, tally, stop)))
     peak = rss_before
     started = time.monotonic()
     while time.monotonic() - started < seconds:
         await asyncio.sleep(0.1)
-        peak = max(peak, server.memory_info().rss)
+        peak = max(peak, tree_rss(server))
+    cpu1 = [cpu_seconds(server_tree), cpu_seconds([me])]
+    elapsed = time.monotonic() - started
     stop.set()
     await asyncio.wait(tasks, timeout=30)
     for task in tasks:
         task.cancel()
     if attack is not None:
         out, _ = await attack.communicate()
-        for status, count in json.loads(out.decode().strip().splitlines()[-1]).items():
+        report = json.loads(out.decode().strip().splitlines()[-1])
+        for status, count in report["statuses"].items():
             tally.statuses[int(status)] = tally.statuses.get(int(status), 0) + count
+        attacker_cpu = report["cpu_s"] / seconds  # its own CPU time, building its payload included
     await asyncio.sleep(3.0)  # settle before reading memory again
-    rss_after = server.memory_info().rss
+    rss_after = tree_rss(server)
     return {"kind": kind, "seconds": seconds, "normal_per_s": tally.normal_ok / seconds,
             "live_p50_ms": _percentile(tally.probe_ms, 0.5), "live_p99_ms": _percentile(tally.probe_ms, 0.99),
             "responses_5xx": tally.server_errors, "statuses": {str(k): v for k, v in sorted(tally.statuses.items())},
             "transport_errors": tally.errors, "rss_before_mib": rss_before / 2**20, "rss_peak_mib": peak / 2**20,
-            "rss_after_mib": rss_after / 2**20}
+            "rss_after_mib": rss_after / 2**20,
+            # Shares of one core while it ran: the server (all its processes), the attacker's process, and this
+            # process (normal clients and probe). Two cores in all on the development machine.
+            "cpu_server": (cpu1[0] - cpu0[0]) / elapsed, "cpu_attacker": attacker_cpu,
+            "cpu_clients": (cpu1[1] - cpu0[1]) / elapsed}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     base = rows[0]["normal_per_s"] or float("nan")
-    lines = ["| attacker | normal answers/s | vs none | /health/live p50 / p99 ms | 5xx | RSS before → after MiB |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| attacker | normal answers/s | vs none | /health/live p50 / p99 ms | 5xx | RSS before → after MiB "
+             "| CPU server / attacker / clients |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['normal_per_s']:.1f} | {r['normal_per_s'] / base:.0%} | "
                      f"{r['live_p50_ms']:.1f} / {r['live_p99_ms']:.1f} | {r['responses_5xx']} | "
-                     f"{r['rss_before_mib']:.0f} → {r['rss_after_mib']:.0f} |")
+                     f"{r['rss_before_mib']:.0f} → {r['rss_after_mib']:.0f} | "
+                     f"{r['cpu_server']:.2f} / {r['cpu_attacker']:.2f} / {r['cpu_clients']:.2f} |")
     return "\n".join(lines)
 
 
@@ -334,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.url.startswith(f"http://{HOST}:"):
             parser.error("attacks go to loopback only")
         statuses = asyncio.run(attack_for(args.url, args.attack, args.seconds))
-        print(json.dumps({str(k): v for k, v in statuses.items()}), flush=True)
+        print(json.dumps({"statuses": {str(k): v for k, v in statuses.items()}, "cpu_s": time.process_time()}),
+              flush=True)
         return 0
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = sorted(set(kinds) - set(KINDS))
