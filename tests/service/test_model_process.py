@@ -201,6 +201,32 @@ async def test_hot_activation_starts_a_new_child_and_stops_the_old(served, model
     assert response.status_code == 200 and response.json()["version"] == "v2"
 
 
+@pytest.mark.anyio
+async def test_shadow_mirrors_cross_to_the_baselines_child(model_dirs: ModelDirs) -> None:
+    """Mirrored requests carry a decoded image, not prepared tensors: the child prepares them itself."""
+    from tests.hardening.conftest import metric_values
+
+    settings = make_settings(model_dirs, baseline_path=model_dirs.eas, shadow_fraction=1.0,
+                             shadow_max_queue_depth=8, model_process=True)
+    async with running_app(settings) as (app, client):
+        colours = [(200, 30, 30), (30, 160, 30), (30, 30, 200)]
+        for colour in colours:
+            response = await client.post("/v1/answer", json={
+                "image": _url(image_bytes(colour)).split(",", 1)[1], "question": QUESTION})
+            assert response.status_code == 200
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # mirrors start on the loop's next turn after each answer
+            await asyncio.sleep(0.05)
+            text = (await client.get("/metrics")).text
+            done = sum(v for _, v in metric_values(text, "eas_shadow_requests_total"))
+            if done >= len(colours) and not app.state.shadow.pending:
+                break
+    outcomes = {labels["outcome"]: v for labels, v in metric_values(text, "eas_shadow_requests_total")}
+    agreement = {labels["result"]: v for labels, v in metric_values(text, "eas_shadow_agreement_total")}
+    assert outcomes.get("completed") == len(colours)
+    assert agreement.get("match") == len(colours) and not agreement.get("mismatch")
+
+
 # --- the runner itself: cancellation, close, parent death ----------------------------------------------
 
 class _Item:
