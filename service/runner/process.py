@@ -21,10 +21,11 @@ of the model and sends back the `Generation`s. Along the way:
 - **Memory**: the parent's copy of the weights is released (moved to the meta device) once it has been
   loaded and verified; the parent still needs the processor, the config and the plan.
 - **Failure**: if the child dies, the batch it held fails (500, logged) and the next batch starts a new
-  child. The child exits when the parent does, kill -9 included: its end of the socket closes, and a
-  watchdog thread sees it re-parented even while it is loading or running a batch.
-- **Start**: the child is `python -m service.runner.process_main FD PID`, not a multiprocessing spawn, which would
-  import the parent's `__main__` again in the child (a script that starts the server at its top level
+  child; one still running a batch STUCK_GRACE_S after all its rows' deadlines is killed the same way.
+  The child exits when the parent does, kill -9 included: its end of the socket closes, and a watchdog
+  thread sees it re-parented even while it is loading or running a batch.
+- **Start**: the child is `python -m service.runner.process_main FD PID`, not a multiprocessing spawn, which
+  would import the parent's `__main__` again in the child (a script that starts the server at its top level
   would start a second server there); it gets the parent's import path, and the rest over the socket.
 
 Timings in a `Generation` (first-token times included) are `time.monotonic()` readings, which are one
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.01
 START_TIMEOUT_S = 600.0  # loading a large model from a slow disk
 STOP_TIMEOUT_S = 5.0
+STUCK_GRACE_S = 30.0
 
 
 class ModelProcessError(RuntimeError):
@@ -312,6 +314,11 @@ class ProcessRunner(ModelRunner):
         specs = [RowSpec(i.question, i.max_new_tokens, i.sampling, i.sink is not None,
                          to_wire(i.features) if i.features is not None else None,
                          i.image if i.features is None else None, i.tokens) for i in items]
+        # Every row's deadline past (its flag set, so the child should have stopped it at its next step) and
+        # STUCK_GRACE_S more: the child is stuck in one step (a hung kernel, a deadlock) and is killed, which a
+        # worker thread could never be. Rows without a deadline (warm-up) give it START_TIMEOUT_S.
+        now = time.monotonic()
+        stuck_at = max(getattr(i, "deadline", now + START_TIMEOUT_S) for i in items) + STUCK_GRACE_S
         try:
             _send(conn, ("batch", specs, self.threads.threads))
             while True:
@@ -321,6 +328,10 @@ class ProcessRunner(ModelRunner):
                 if not conn.poll(CANCEL_POLL_S):
                     if self._process is None or self._process.poll() is not None:
                         raise EOFError
+                    if time.monotonic() > stuck_at:
+                        self._kill()
+                        raise ModelProcessError(f"the model process ran a batch {STUCK_GRACE_S:g}s past its "
+                                                "last deadline and was killed; the next batch starts a new one")
                     continue
                 message = _recv(conn)
                 if message[0] == "delta":

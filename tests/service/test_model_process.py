@@ -43,6 +43,19 @@ def slow_loader(info: VariantInfo, settings: Settings) -> LoadedModel:
     return model
 
 
+def hanging_loader(info: VariantInfo, settings: Settings) -> LoadedModel:
+    """The default loader, whose model hangs in any forward pass of a batch of two (warm-up has one row)."""
+    model = default_loader(info, settings)
+
+    def hang(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[0] == 2:
+            time.sleep(3600)
+
+    model.model.register_forward_pre_hook(hang, with_kwargs=True)
+    return model
+
+
 @pytest.fixture(scope="module")
 def direct(model_dirs: ModelDirs) -> LoadedModel:
     return load_model(model_dirs.eas, device="cpu", dtype="fp32")
@@ -230,9 +243,10 @@ async def test_shadow_mirrors_cross_to_the_baselines_child(model_dirs: ModelDirs
 # --- the runner itself: cancellation, close, parent death ----------------------------------------------
 
 class _Item:
-    def __init__(self, features: Any, max_new_tokens: int, sink: Any = None) -> None:
+    def __init__(self, features: Any, max_new_tokens: int, sink: Any = None, deadline_s: float = 60.0) -> None:
         self.question, self.max_new_tokens, self.sampling = QUESTION, max_new_tokens, Sampling()
         self.sink, self.cancelled, self.features, self.image, self.tokens = sink, threading.Event(), features, None, 0
+        self.deadline = time.monotonic() + deadline_s
 
 
 def _process_runner(directory: Path, loader: Any = slow_loader) -> ProcessRunner:
@@ -261,6 +275,26 @@ def test_a_cancelled_row_stops_in_the_child_and_close_stops_it(model_dirs: Model
     assert pid is not None and not _alive(pid) and runner.pid is None
     with pytest.raises(ModelProcessError, match="stopped"):
         runner.run_batch([_Item(None, 2)])
+
+
+def test_a_stuck_child_is_killed_past_its_batchs_deadlines(model_dirs: ModelDirs,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.runner.process as process
+
+    monkeypatch.setattr(process, "STUCK_GRACE_S", 0.5)
+    runner = _process_runner(model_dirs.eas, hanging_loader)
+    try:
+        features = runner.model.prepare_one(Image.open(io.BytesIO(image_bytes())), QUESTION)
+        runner.run_batch([_Item(features, 2)])  # one row: loads the child, answers
+        stuck = runner.pid
+        started = time.monotonic()
+        with pytest.raises(ModelProcessError, match="killed"):
+            runner.run_batch([_Item(features, 2, deadline_s=0.5), _Item(features, 2, deadline_s=0.5)])
+        assert time.monotonic() - started < 10 and stuck is not None and not _alive(stuck)
+        assert len(runner.run_batch([_Item(features, 2)])) == 1  # a new child serves the next batch
+        assert runner.restarts == 1
+    finally:
+        runner.close()
 
 
 def _alive(pid: int) -> bool:
