@@ -55,6 +55,7 @@ from PIL import Image
 from transformers import BatchFeature
 
 from eas.model.loading import LoadedModel
+from eas.model.token_reduction import token_reducer
 from service.batching.work import Generation, Sampling
 from service.runner.runner import ModelRunner, VariantInfo, warmup_image
 from service.runner.threads import ThreadBudget
@@ -184,7 +185,9 @@ def child_main(conn: Connection) -> None:
         items = [_child_item(conn, flags, k, spec) for k, spec in enumerate(specs)]
         try:
             generations = runner.run_batch(items)  # type: ignore[arg-type]
-            reply: tuple[Any, ...] = ("done", generations)
+            reducer = token_reducer(model.model)  # what /info shows of a visual-token reduction
+            reply: tuple[Any, ...] = ("done", generations,
+                                      reducer.last_prompt_tokens if reducer is not None else None)
         except Exception:
             reply = ("error", traceback.format_exc(limit=8))
         try:
@@ -339,6 +342,9 @@ class ProcessRunner(ModelRunner):
                     if sink is not None:
                         sink(message[2])
                 elif message[0] == "done":
+                    reducer = token_reducer(self.model.model)
+                    if reducer is not None and message[2] is not None:
+                        reducer.last_prompt_tokens = message[2]  # the child's, for /info
                     return list(message[1])
                 else:
                     raise ModelProcessError(f"the model process failed the batch:\n{message[1]}")

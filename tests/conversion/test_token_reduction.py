@@ -235,14 +235,15 @@ def test_conversion_records_plan_and_reduction(reduced_conversion) -> None:
 
 
 @pytest.mark.anyio
-async def test_served_equals_in_process(reduced_conversion) -> None:
+@pytest.mark.parametrize("model_process", [False, True], ids=["thread", "model-process"])
+async def test_served_equals_in_process(reduced_conversion, model_process: bool) -> None:
     from eas.model.loading import load_model
     from service.settings import Settings
     from tests.service.conftest import image_bytes, multipart, running_app
 
     _, out = reduced_conversion
     settings = Settings(model_path=out, model="tiny-reduced", device="cpu", dtype="fp32", max_batch_wait_ms=2.0,
-                        api_token=None, admin_token=None, shutdown_timeout_s=5.0)
+                        api_token=None, admin_token=None, shutdown_timeout_s=5.0, model_process=model_process)
     direct = load_model(out, device="cpu", dtype="fp32")
     import io
 
