@@ -74,7 +74,7 @@ class DecodeBudget:
 # the largest allowed images never queues ordinary requests behind them (issue 17, M1).
 LARGE_PIXELS = 1024 * 1024
 LARGE_WAITING = 4
-LARGE_NICENESS = 10
+LARGE_NICENESS = 19
 
 
 class Preprocessor:
