@@ -118,9 +118,12 @@ class Preprocessor:
         try:
             return self._prepare(*args)
         finally:
-            # A large decode leaves tens of MiB of freed heap in this thread's malloc arena; give it back
-            # so the process's memory returns to where it was once a flood of large images is over.
-            _trim_heap()
+            # A large decode leaves tens of MiB of freed heap in this thread's malloc arena; give it back once
+            # the lane has nothing else waiting, so the process's memory returns to where it was after a
+            # flood. Not after every image: malloc_trim walks and locks every arena, the event loop's too,
+            # and during a flood of 4096² images that stalled the loop for tens of milliseconds at a time.
+            if self._large_count <= 1:  # this one is the last (the loop decrements after it returns)
+                _trim_heap()
 
     def _overloaded(self, what: str) -> ServiceError:
         """Refused like a full queue: 429 (or 503, Settings.queue_full_status) with Retry-After."""

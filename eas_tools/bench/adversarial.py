@@ -6,8 +6,9 @@ A server (`serve` below: create_app + the connection limits of service/server.py
 in its own process on 127.0.0.1, serving a tiny LLaVA (eas.zoo.llava, seeded) as `baseline`. Each attacker
 runs in a process of its own (`--attack`) and connects from 127.0.0.2, as from another machine (the
 server's per-address error budget, service/penalties.py, applies to it); this process drives the rest:
-8 normal clients in a closed loop (`POST /v1/answer`, a small PNG and a short question) and a
-`/health/live` probe every 50 ms, first with no attacker, then beside one attacker of each kind for `--seconds` each:
+8 normal clients in a closed loop (`POST /v1/answer`, a small PNG and a short question), and a
+`/health/live` probe every 50 ms runs in a process of its own (`--probe`), first with no attacker, then
+beside one attacker of each kind for `--seconds` each:
 
 - long_token: a 1,000-emoji question (under the character limit, ~4,000 byte-level tokens);
 - png_chunk_bomb: a ~12 MB PNG of 1,000,000 empty chunks;
@@ -155,17 +156,32 @@ async def normal_client(url: str, tally: Tally, stop: asyncio.Event) -> None:
                 tally.normal_ok += 1
 
 
-async def probe(url: str, tally: Tally, stop: asyncio.Event) -> None:
-    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as client:
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                response = await client.get("/health/live")
-                tally.count(response.status_code)
-            except httpx.HTTPError:
-                tally.errors += 1
-            tally.probe_ms.append((time.perf_counter() - t0) * 1000)
-            await asyncio.sleep(PROBE_INTERVAL_S)
+def probe_for(url: str, seconds: float) -> dict[str, Any]:
+    """The probe process: `/health/live` every PROBE_INTERVAL_S on one kept-alive connection, timed from the
+    request's first byte to the response's last. Its own process, so the 8 normal clients' response handling
+    on the bench's event loop never sits between the server's answer and the probe's clock."""
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    errors = 0
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    stop_at = time.monotonic() + seconds
+    while time.monotonic() < stop_at:
+        t0 = time.perf_counter()
+        try:
+            connection.request("GET", "/health/live")
+            response = connection.getresponse()
+            response.read()
+            statuses[str(response.status)] = statuses.get(str(response.status), 0) + 1
+        except (OSError, http.client.HTTPException):
+            errors += 1
+            connection.close()
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        latencies.append((time.perf_counter() - t0) * 1000)
+        time.sleep(PROBE_INTERVAL_S)
+    return {"latencies_ms": latencies, "statuses": statuses, "errors": errors}
 
 
 async def _loop_posts(url: str, tally: Tally, stop: asyncio.Event, path: str, **request: Any) -> None:
@@ -293,8 +309,10 @@ async def run_kind(url: str, kind: str, seconds: float, server: psutil.Process) 
         await asyncio.sleep(0.5)  # its payload is built before it starts sending
     cpu0 = [cpu_seconds(server_tree), cpu_seconds([me])]
     attacker_cpu = 0.0
+    prober = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eas_tools.bench.adversarial", "--probe", "--url", url, "--seconds", str(seconds),
+        stdout=asyncio.subprocess.PIPE)
     tasks = [asyncio.create_task(normal_client(url, tally, stop)) for _ in range(NORMAL_CLIENTS)]
-    tasks.append(asyncio.create_task(probe(url, tally, stop)))
     peak = rss_before
     started = time.monotonic()
     while time.monotonic() - started < seconds:
@@ -306,6 +324,11 @@ async def run_kind(url: str, kind: str, seconds: float, server: psutil.Process) 
     await asyncio.wait(tasks, timeout=30)
     for task in tasks:
         task.cancel()
+    probed = json.loads((await prober.communicate())[0].decode().strip().splitlines()[-1])
+    tally.probe_ms = probed["latencies_ms"]
+    tally.errors += probed["errors"]
+    for status, count in probed["statuses"].items():
+        tally.statuses[int(status)] = tally.statuses.get(int(status), 0) + count
     if attack is not None:
         out, _ = await attack.communicate()
         report = json.loads(out.decode().strip().splitlines()[-1])
@@ -364,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--attack", choices=KINDS[1:], help=argparse.SUPPRESS)  # an attacker process (internal)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the probe process (internal)
     args = parser.parse_args(argv)
+    if args.probe:
+        print(json.dumps(probe_for(args.url, args.seconds)), flush=True)
+        return 0
     if args.serve is not None:
         serve(args.serve, args.port)
         return 0
