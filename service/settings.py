@@ -139,7 +139,8 @@ class Settings(BaseSettings):
     )
     client_error_rate_per_s: float = Field(5.0, ge=0, description="Refused requests per second a client earns back.")
     client_error_delay_s: float = Field(
-        1.0, ge=0, description="How long a client past its error budget waits for its 429.",
+        3.0, ge=0, description="How long a client past its error budget waits for its 429 (under the header "
+                               "timeout: a spent client holds a connection no longer than a slow one may).",
     )
 
     # --- lifecycle ------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ A server (`serve` below: create_app + the connection limits of service/server.py
 in its own process on 127.0.0.1, serving a tiny LLaVA (eas.zoo.llava, seeded) as `baseline`. Each attacker
 runs in a process of its own (`--attack`) and connects from 127.0.0.2, as from another machine (the
 server's per-address error budget, service/penalties.py, applies to it); this process drives the rest:
-8 normal clients in a closed loop (`POST /v1/answer`, a small PNG and a short question), and a
+8 normal clients in a closed loop (`POST /v1/answer`, a small PNG and a short question; each attacker's
+window follows a no-attacker window of the same length, its baseline), and a
 `/health/live` probe every 50 ms runs in a process of its own (`--probe`), first with no attacker, then
 beside one attacker of each kind for `--seconds` each:
 
@@ -349,12 +350,14 @@ async def run_kind(url: str, kind: str, seconds: float, server: psutil.Process) 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    base = rows[0]["normal_per_s"] or float("nan")
-    lines = ["| attacker | normal answers/s | vs none | /health/live p50 / p99 ms | 5xx | RSS before → after MiB "
-             "| CPU server / attacker / clients |",
-             "|---|---|---|---|---|---|---|"]
+    """`vs none`: against the no-attacker window run just before the kind (the first row's for itself)."""
+    first = rows[0]["normal_per_s"] or float("nan")
+    lines = ["| attacker | normal answers/s | none just before | vs none | /health/live p50 / p99 ms | 5xx "
+             "| RSS before → after MiB | CPU server / attacker / clients |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['kind']} | {r['normal_per_s']:.1f} | {r['normal_per_s'] / base:.0%} | "
+        base = r.get("paired_none_per_s") or first
+        lines.append(f"| {r['kind']} | {r['normal_per_s']:.1f} | {base:.1f} | {r['normal_per_s'] / base:.0%} | "
                      f"{r['live_p50_ms']:.1f} / {r['live_p99_ms']:.1f} | {r['responses_5xx']} | "
                      f"{r['rss_before_mib']:.0f} → {r['rss_after_mib']:.0f} | "
                      f"{r['cpu_server']:.2f} / {r['cpu_attacker']:.2f} / {r['cpu_clients']:.2f} |")
@@ -373,8 +376,17 @@ async def drive(url: str, kinds: list[str], seconds: float, server: psutil.Proce
             await asyncio.sleep(0.2)
     rows = []
     for kind in kinds:
-        rows.append(await run_kind(url, kind, seconds, server))
-        print(json.dumps(rows[-1]), flush=True)
+        paired = None
+        if kind != "none":
+            # A no-attacker window right before each kind: the ratio compares neighbours in time, so load that
+            # comes and goes on a shared machine (and the server's state after the kinds before) lands on both.
+            paired = await run_kind(url, "none", seconds, server)
+        row = await run_kind(url, kind, seconds, server)
+        if paired is not None:
+            row["paired_none_per_s"] = paired["normal_per_s"]
+            row["paired_none_live_p99_ms"] = paired["live_p99_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
