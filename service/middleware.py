@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, error_body
 from service.metrics import Metrics
-from service.penalties import ClientPenalties, retry_after_header
+from service.penalties import SPENT_CODE, SPENT_MESSAGE, ClientPenalties, retry_after_header
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")  # echoed into headers and logs: no CR/LF
 
@@ -92,9 +92,8 @@ class RequestContextMiddleware:
         connection closes), and a client looping on refusals sends one request per delay per connection."""
         await asyncio.sleep(delay_s)
         self.metrics.rejected.labels(reason="too_many_errors").inc()
-        body = json.dumps(error_body(
-            code="too_many_errors", type_="rate_limit_error", request_id=request_id,
-            message="too many refused requests from this client; retry after the time in Retry-After")).encode()
+        body = json.dumps(error_body(code=SPENT_CODE, type_="rate_limit_error", request_id=request_id,
+                                     message=SPENT_MESSAGE)).encode()
         await send({"type": "http.response.start", "status": 429, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"retry-after", retry_after_header(wait_s).encode()), (b"connection", b"close"),

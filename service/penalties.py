@@ -6,9 +6,8 @@ CPU from everyone else. Each client address has a token bucket: a 4xx answer (or
 431/408) takes a token, plus one per MiB of request body read for it; tokens come back at `rate_per_s` up
 to `burst`. With the bucket empty, the address's next requests are not read at all: each waits `delay_s`
 (holding nothing but its connection) and gets 429 `too_many_errors` with `Retry-After`, and the connection
-is closed. A client whose requests
-succeed never notices; one that errs now and then neither (the defaults allow a burst of 30 and 5 a second
-after it).
+is closed. A client whose requests succeed never notices; one that errs now and then neither (the defaults
+allow a burst of 30 and 5 a second after it).
 
 The address is the one the app sees (`scope["client"]`: the peer, or the `X-Forwarded-For` client when
 uvicorn trusts the proxy that sent it); health probes are never refused here.
@@ -22,6 +21,9 @@ import time
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
+# The 429 a spent client gets, from the app (service/middleware.py) or the connection layer (service/server.py).
+SPENT_CODE = "too_many_errors"
+SPENT_MESSAGE = "too many refused requests from this client; retry after the time in Retry-After"
 
 
 @dataclass

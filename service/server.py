@@ -33,8 +33,9 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.errors import error_body
 from service.lifecycle import Service
-from service.penalties import ClientPenalties, retry_after_header
+from service.penalties import SPENT_CODE, SPENT_MESSAGE, ClientPenalties, retry_after_header
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,7 @@ _HEADER_END = b"\r\n\r\n"
 def _error_bytes(status: int, reason: str, code: str, message: str, retry_after: float | None = None) -> bytes:
     """A complete HTTP/1.1 response in the service's error shape (service/errors.py), closing the connection."""
     kind = "rate_limit_error" if status == 429 else "invalid_request_error"
-    body = json.dumps({"error": {"code": code, "message": message, "type": kind,
-                                 "param": None, "request_id": None}}).encode()
+    body = json.dumps(error_body(code=code, message=message, type_=kind, request_id=None)).encode()
     extra = f"retry-after: {retry_after_header(retry_after)}\r\n" if retry_after is not None else ""
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"{extra}connection: close\r\n\r\n")
@@ -117,8 +117,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         if wait is not None:
             transport.pause_reading()  # nothing it sends is parsed or buffered here (see data_received)
             self._arm(self.penalties.delay_s, lambda: self._refuse(  # type: ignore[union-attr]
-                429, "Too Many Requests", "too_many_errors", "too many refused requests from this client; "
-                "retry after the time in Retry-After", retry_after=wait, charge=False))
+                429, "Too Many Requests", SPENT_CODE, SPENT_MESSAGE, retry_after=wait, charge=False))
             return
         self._arm(self.settings.header_timeout_s, self._header_timeout)  # a connection that sends nothing
 

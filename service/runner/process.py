@@ -168,7 +168,7 @@ def child_main(conn: Connection) -> None:
         model = loader(info, settings)
         budget = ThreadBudget(threads=settings.inference_threads)
         runner = ModelRunner(model, info, budget)
-        _send(conn, ("ready", runner.device, runner.dtype))
+        _send(conn, ("ready",))
     except BaseException:
         with contextlib.suppress(OSError):
             _send(conn, ("error", traceback.format_exc(limit=8)))
