@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from eas.model.loading import LoadedModel, load_model, resolve_device
+from service import heap
 from service.batching.batcher import Batcher
 from service.errors import QueueFull, ServiceError, ServiceUnavailable
 from service.metrics import Metrics
@@ -158,6 +159,7 @@ class Service:
                 served.batcher.start()
                 self.registry.install(served, default=index == 0)
                 self._set_info_metric(served, 1)
+            self.resettle()  # before READY: the one full collection of start-up, while nobody waits on it
             self.phase = Phase.READY
             self.metrics.model_ready.set(1)
             log.info("ready: serving %s (default %s)", ", ".join(
@@ -251,6 +253,13 @@ class Service:
                                                             "request completed", code="replaced"))
         old.batcher.stop()
         await asyncio.to_thread(old.runner.close)
+
+    def resettle(self) -> None:
+        """Collect and freeze the heap (service/heap.py), after start-up and after each activation. The
+        thaw first lets the collection see the cycles of models retired since the last time."""
+        if self.settings.gc_freeze:
+            heap.thaw()
+            heap.settle()
 
     def _queue_full_error(self) -> ServiceError:
         headers = {"Retry-After": str(self.settings.retry_after_s)}

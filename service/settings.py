@@ -73,6 +73,11 @@ class Settings(BaseSettings):
                              "less one, which the event loop and preprocessing keep (service/cpu.py).",
     )
 
+    gc_freeze: bool = Field(
+        True, description="After start-up and after each activation, collect garbage once and freeze what "
+                          "survives, so later full collections do not walk the loaded model's objects (a "
+                          "200-300 ms stall each; service/heap.py). EAS_GC_FREEZE.",
+    )
     model_process: bool | None = Field(
         None, description="Run each variant's model in a process of its own, beside the HTTP process "
                           "(EAS_MODEL_PROCESS; service/runner/process.py); unset: on when the model runs on the "

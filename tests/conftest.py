@@ -20,6 +20,9 @@ from tests.model_store.postgres import postgres_server  # noqa: F401  (one throw
 # spawns inherit this too. tests/service/test_model_process.py turns it on where it is the subject, and
 # passes `model_process=None` to test the default.
 os.environ.setdefault("EAS_MODEL_PROCESS", "false")
+# Freezing the heap (service/heap.py) in the test process would keep the cycles of every app the suite
+# builds and drops; tests/service/test_heap.py turns it on.
+os.environ.setdefault("EAS_GC_FREEZE", "false")
 # The fuzzers and hardening tests send thousands of deliberate errors from one address, which the client
 # error budget (service/penalties.py) would answer with 429s; tests/hardening/test_penalties.py turns it on.
 os.environ.setdefault("EAS_CLIENT_ERROR_BURST", "0")

@@ -57,9 +57,13 @@ class Activator:
                 old = self.service.registry.remove("eas")
                 if old is not None:
                     await self.service.retire(old)
+                del old  # unreferenced before the collection below
             self.service.registry.set_default(infos[0].variant)
             if record:
                 await run_in_daemon_thread(self.store.activate, name, version)
             self.service.recovered()  # a server whose own load failed serves this version now
+            # The replaced runners are unreferenced now (none is bound in this frame): one full collection
+            # frees their models' cycles, and the new model's objects are frozen with the rest.
+            self.service.resettle()
             log.info("activated %s:%s (%s)", name, version, ", ".join(i.variant for i in infos))
             return infos

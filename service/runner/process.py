@@ -56,6 +56,7 @@ from transformers import BatchFeature
 
 from eas.model.loading import LoadedModel
 from eas.model.token_reduction import token_reducer
+from service import heap
 from service.batching.work import Generation, Sampling
 from service.runner.runner import ModelRunner, VariantInfo, warmup_image
 from service.runner.threads import ThreadBudget
@@ -169,6 +170,7 @@ def child_main(conn: Connection) -> None:
         budget = ThreadBudget(threads=settings.inference_threads)
         runner = ModelRunner(model, info, budget)
         _send(conn, ("ready",))
+        settled = False  # service/heap.py
     except BaseException:
         with contextlib.suppress(OSError):
             _send(conn, ("error", traceback.format_exc(limit=8)))
@@ -190,6 +192,11 @@ def child_main(conn: Connection) -> None:
                                       reducer.last_prompt_tokens if reducer is not None else None)
         except Exception:
             reply = ("error", traceback.format_exc(limit=8))
+        if settings.gc_freeze and not settled:
+            # After the first batch (the warm-up), before its reply: the model and what its first run built
+            # lazily are all there now, and nobody's request waits on this one full collection.
+            heap.settle()
+            settled = True
         try:
             _send(conn, reply)
         except OSError:
