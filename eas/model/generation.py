@@ -63,6 +63,10 @@ from transformers import BatchFeature, LogitsProcessor, PreTrainedModel, Stoppin
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
+# What torch.Generator.manual_seed accepts: a seed outside it is refused before any work starts.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
 @dataclass(frozen=True)
 class RowOptions:
     """Decoding options of one batch row (one request)."""
@@ -81,8 +85,8 @@ class RowOptions:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64):
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -171,11 +175,17 @@ class _RowSampler(LogitsProcessor):
             gen = self.generators.get(i)
             if gen is None:
                 gen = self.generators[i] = torch.Generator(device=scores.device).manual_seed(self.seeds[i])
-            probs = torch.softmax(scores[i].float() / options.temperature, dim=-1)
+            # In float64 and from the best score down: any temperature > 0 then gives finite logits (the best
+            # token's is 0), so a tiny one (1e-300 is 0 in float32) samples like greedy instead of dividing
+            # by zero into NaNs.
+            row = scores[i].double()
+            probs = torch.softmax((row - row.max()) / options.temperature, dim=-1)
             if options.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
                 before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
-                sorted_probs[before >= options.top_p] = 0.0  # keeps the top token always
+                outside = before >= options.top_p
+                outside[0] = False  # the top token always stays, however small top_p is
+                sorted_probs[outside] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
             token = torch.multinomial(probs, 1, generator=gen)
             out[i] = float("-inf")

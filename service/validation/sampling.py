@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from eas.model.generation import SEED_MAX, SEED_MIN
 from service.batching.work import Sampling
 from service.errors import ValidationFailed, describe_validation
 
@@ -33,8 +34,8 @@ class SamplingFields(BaseModel):
         None, description="0 (the default here) is greedy decoding; above 0 samples at this temperature.")
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = Field(
         None, description="Nucleus sampling: sample among the most likely tokens holding this much probability.")
-    seed: StrictInt | None = Field(None, description="Makes sampling reproducible: same request, same seed, "
-                                                     "same answer.")
+    seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = Field(
+        None, description="Makes sampling reproducible: same request, same seed, same answer.")
     # One string or a list of them; a lone string becomes a list first, so an error names `stop` itself.
     stop: Annotated[list[StopString], Field(max_length=MAX_STOP), BeforeValidator(_listed)] | None = Field(
         None, description="Up to 4 strings (or one string); the answer ends before the first of them.")
@@ -54,7 +55,7 @@ class _FormSampling(BaseModel):
 
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stop: Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
 

@@ -28,6 +28,12 @@ def test_temperature_zero_and_tiny_top_p_are_greedy(llava) -> None:
     greedy = generate(model, batch, max_new_tokens=NEW)
     assert torch.equal(generate(model, batch, max_new_tokens=NEW, do_sample=True, temperature=0.0, seed=1), greedy)
     assert torch.equal(generate(model, batch, max_new_tokens=NEW, do_sample=True, top_p=1e-6, seed=1), greedy)
+    # Below float32's range (0 there): once a division by zero into NaNs, and a top token filtered out.
+    assert torch.equal(generate(model, batch, max_new_tokens=NEW, do_sample=True, top_p=1e-300, seed=1), greedy)
+    assert torch.equal(generate(model, batch, max_new_tokens=NEW, do_sample=True, temperature=1e-300, seed=1),
+                       greedy)
+    assert torch.equal(generate(model, batch, max_new_tokens=NEW, do_sample=True, temperature=5e-324, seed=1),
+                       greedy)
     sampled = generate(model, batch, max_new_tokens=NEW, do_sample=True, temperature=1.0, seed=1)
     assert not torch.equal(sampled, greedy)  # negative control: sampling does change the answer
 

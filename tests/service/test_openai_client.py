@@ -16,6 +16,7 @@ import openai
 import pytest
 from PIL import Image
 
+from eas.model.generation import SEED_MAX, SEED_MIN
 from eas.model.loading import LoadedModel, load_model
 from service.app import create_app
 from service.runner.runner import VariantInfo
@@ -135,6 +136,26 @@ def test_answer_route_takes_the_same_options(client: openai.OpenAI, png: bytes, 
         assert form.status_code == 200 and form.json()["answer"] == answer(stop=stop)
         refused = http.post("/v1/answer", json={**body, "seed": "7"})
         assert refused.status_code == 422 and refused.json()["error"]["param"] == "seed"
+
+
+@pytest.mark.parametrize("seed", [SEED_MIN - 1, SEED_MAX + 1, 2**70])
+def test_a_seed_torch_cannot_take_is_a_422_on_every_route(client: openai.OpenAI, png: bytes, seed: int) -> None:
+    """The generator's seed range is checked with the request (it was a 500 from inside the batch)."""
+    base_url = str(client.base_url).removesuffix("/v1/")
+    answer = {"image": base64.b64encode(png).decode(), "question": QUESTION, "temperature": 1}
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        refusals = [
+            http.post("/v1/answer", json={**answer, "seed": seed}),
+            http.post("/v1/answer", files={"image": ("i.png", png, "image/png")},
+                      data={"question": QUESTION, "temperature": "1", "seed": str(seed)}),
+            http.post("/v1/chat/completions", json={"model": "eas", "messages": _messages(png), "temperature": 1,
+                                                    "seed": seed}),
+        ]
+        for refused in refusals:
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["error"]["param"] == "seed"
+        for edge in (SEED_MIN, SEED_MAX):  # the ends of the range are served
+            assert http.post("/v1/answer", json={**answer, "seed": edge}).status_code == 200
 
 
 class SlowModel:
