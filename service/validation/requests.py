@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 from starlette.datastructures import UploadFile
 
-from eas.model.generation import SEED_MAX, SEED_MIN
 from service.batching.work import GREEDY, Sampling
 from service.errors import BadRequest, UnsupportedMediaType, ValidationFailed, describe_validation
 from service.settings import Settings
@@ -27,7 +26,7 @@ from service.validation.payloads import (
     validate_max_new_tokens,
     validate_question,
 )
-from service.validation.sampling import SamplingFields, sampling_from_form
+from service.validation.sampling import SEED_BOUND, SamplingFields, sampling_from_form
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ class AnswerForm(BaseModel):
     max_new_tokens: int | SkipJsonSchema[None] = Field(None, json_schema_extra={"minimum": 1})
     temperature: float | SkipJsonSchema[None] = Field(None, ge=0, le=2)
     top_p: float | SkipJsonSchema[None] = Field(None, gt=0, le=1)
-    seed: int | SkipJsonSchema[None] = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    seed: int | SkipJsonSchema[None] = Field(None, ge=-SEED_BOUND, le=SEED_BOUND)
     stop: list[str] | SkipJsonSchema[None] = Field(None, max_length=4, description="Repeat the field for several.")
     stop_token_ids: list[int] | SkipJsonSchema[None] = None
 

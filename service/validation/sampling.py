@@ -12,7 +12,6 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from eas.model.generation import SEED_MAX, SEED_MIN
 from service.batching.work import Sampling
 from service.errors import ValidationFailed, describe_validation
 
@@ -21,6 +20,9 @@ MAX_STOP_TOKEN_IDS = 64
 
 Number = StrictFloat | StrictInt  # JSON numbers either way; never a boolean or a string
 StopString = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+# Seeds within ±(2**53 - 1): every JSON client holds those integers exactly, the OpenAPI document states the
+# bounds exactly (larger ones turn into rounded floats there), and torch's generator takes them all.
+SEED_BOUND = 2**53 - 1
 
 
 def _listed(value: Any) -> Any:
@@ -34,7 +36,7 @@ class SamplingFields(BaseModel):
         None, description="0 (the default here) is greedy decoding; above 0 samples at this temperature.")
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = Field(
         None, description="Nucleus sampling: sample among the most likely tokens holding this much probability.")
-    seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = Field(
+    seed: Annotated[StrictInt, Field(ge=-SEED_BOUND, le=SEED_BOUND)] | None = Field(
         None, description="Makes sampling reproducible: same request, same seed, same answer.")
     # One string or a list of them; a lone string becomes a list first, so an error names `stop` itself.
     stop: Annotated[list[StopString], Field(max_length=MAX_STOP), BeforeValidator(_listed)] | None = Field(
@@ -55,7 +57,7 @@ class _FormSampling(BaseModel):
 
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    seed: Annotated[int, Field(ge=-SEED_BOUND, le=SEED_BOUND)] | None = None
     stop: Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
 
