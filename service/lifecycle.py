@@ -252,6 +252,9 @@ class Service:
             old.batcher.fail_all(lambda: ServiceUnavailable("the model version was replaced before this "
                                                             "request completed", code="replaced"))
         old.batcher.stop()
+        # Its worker thread holds the runner until it returns: joined, so that nothing of the old model is
+        # still referenced when an activation ends by collecting and freezing the heap (resettle).
+        await asyncio.to_thread(old.batcher.join, self.settings.shutdown_timeout_s)
         await asyncio.to_thread(old.runner.close)
 
     def resettle(self) -> None:
