@@ -30,7 +30,7 @@ from service.validation.sampling import SamplingFields
 
 class ImageURLPart(BaseModel):
     url: str
-    detail: str | None = None  # ignored
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's values; each image is processed one way here
 
 
 class ContentPart(BaseModel):
@@ -181,7 +181,8 @@ async def parse_chat(body: ChatCompletionRequest, settings: Settings) -> ChatInp
     if len(images) != 1:
         raise ValidationFailed(f"exactly one image_url content part is required, got {len(images)}",
                                param="messages")
-    question = validate_question(question, max_chars=settings.max_question_chars, param="messages")
+    question = validate_question(question, max_chars=settings.max_question_chars, param="messages",
+                                 label="the question (the text of messages)")
     completion_limit = body.max_completion_tokens is not None
     limit = body.max_completion_tokens if completion_limit else body.max_tokens
     max_new_tokens = validate_max_new_tokens(

@@ -62,17 +62,20 @@ def decode_image_field(value: str, *, param: str = "image") -> bytes:
         raise BadRequest(f"invalid base64 in {param}: {exc}", param=param) from exc
 
 
-def validate_question(question: object, *, max_chars: int, param: str = "question") -> str:
+def validate_question(question: object, *, max_chars: int, param: str = "question", label: str | None = None) -> str:
+    """`label` names the text in messages when it is not the parameter itself (the chat route's question is
+    the text of its messages)."""
+    name = label or param
     if not isinstance(question, str):
-        raise ValidationFailed(f"{param} must be a string", param=param)
+        raise ValidationFailed(f"{name} must be a string", param=param)
     question = question.strip()
     if not question:
-        raise ValidationFailed(f"{param} must not be empty", param=param)
+        raise ValidationFailed(f"{name} must not be empty", param=param)
     if len(question) > max_chars:
-        raise ValidationFailed(f"{param} has {len(question)} characters; the limit is {max_chars}", param=param)
+        raise ValidationFailed(f"{name} has {len(question)} characters; the limit is {max_chars}", param=param)
     _check_plain_text(question, param)  # first: a NUL is named as such, not as "invisible"
     if not any(_visible(char) for char in question):
-        raise ValidationFailed(f"{param} has no visible characters (only spaces, joiners or format marks)",
+        raise ValidationFailed(f"{name} has no visible characters (only spaces, joiners or format marks)",
                                param=param)
     return question
 

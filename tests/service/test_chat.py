@@ -106,6 +106,7 @@ async def test_streaming_sse(served, direct) -> None:
     (lambda p: p.update(max_tokens=100_000), 422, "validation_error"),
     (lambda p: p.update(messages=[]), 422, "validation_error"),
     (lambda p: p["messages"][1]["content"][1].update(text="   "), 422, "validation_error"),
+    (lambda p: p["messages"][1]["content"][0]["image_url"].update(detail="ultra"), 422, "validation_error"),
     (lambda p: p["messages"][1]["content"][0]["image_url"].update(url="data:image/png;base64,@@@"), 400,
      "bad_request"),
 ])
@@ -117,6 +118,16 @@ async def test_chat_errors(served, mutate, status, code) -> None:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code and error["message"] and error["request_id"]
+
+
+@pytest.mark.anyio
+async def test_an_image_without_a_question_says_so(served) -> None:
+    _, client = served
+    payload = {"model": "eas", "messages": _messages(image_bytes(), question="")}
+    response = await client.post("/v1/chat/completions", json=payload)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["param"] == "messages" and "question" in error["message"], error
 
 
 @pytest.mark.anyio
