@@ -166,10 +166,27 @@ async def _check_multipart_complete(request: Request) -> None:
                          code="truncated_body")
 
 
+# The multipart form's fields: as strict as the JSON body (extra fields forbidden), and a field that takes
+# one value given twice is ambiguous, not "the last one wins".
+FORM_FIELDS = frozenset(AnswerForm.model_fields)  # the documented form is the accepted one
+REPEATABLE_FORM_FIELDS = frozenset({"stop", "stop_token_ids"})
+
+
+def _check_form_fields(keys: list[str]) -> None:
+    for key in keys:
+        if key not in FORM_FIELDS:
+            raise ValidationFailed(f"unknown multipart field {key[:64]!r} (fields: {', '.join(sorted(FORM_FIELDS))})",
+                                   param=key[:64])
+        if key not in REPEATABLE_FORM_FIELDS and keys.count(key) > 1:
+            raise ValidationFailed(f"multipart field {key!r} appears {keys.count(key)} times; it takes one value",
+                                   param=key)
+
+
 async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, Any, Any, str | None, Sampling]:
     # One file and a handful of short fields: anything more is a malformed request (400 from Starlette).
     await _check_multipart_complete(request)
     async with request.form(max_files=1, max_fields=16, max_part_size=settings.max_question_chars * 4 + 1024) as form:
+        _check_form_fields([key for key, _ in form.multi_items()])
         image = form.get("image")
         if image is None:
             raise ValidationFailed("multipart field 'image' (an image file) is required", param="image")

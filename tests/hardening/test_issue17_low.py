@@ -57,6 +57,19 @@ async def test_truncated_multipart_is_refused(model_dirs) -> None:
         assert (await client.post("/v1/answer", content=complete, headers=headers)).status_code == 200
 
 
+async def test_multipart_fields_are_as_strict_as_json(model_dirs) -> None:
+    png = image_bytes()
+    async with running_app(make_settings(model_dirs)) as (_, client):
+        unknown = await client.post("/v1/answer", **multipart(png, Q, foo="1"))
+        assert assert_error(unknown, 422, needle="unknown multipart field 'foo'")["param"] == "foo"
+        twice = await client.post("/v1/answer", files=[("image", ("i.png", png, "image/png")),
+                                                       ("question", (None, Q)), ("question", (None, "what?"))])
+        assert assert_error(twice, 422, needle="appears 2 times")["param"] == "question"
+        stops = await client.post("/v1/answer", files=[("image", ("i.png", png, "image/png")), ("question", (None, Q)),
+                                                       ("stop", (None, "x")), ("stop", (None, "y"))])
+        assert stops.status_code == 200, stops.text  # stop repeats by design
+
+
 async def test_huge_json_bodies_are_refused_before_validation(model_dirs) -> None:
     many = [{"role": "user", "content": "hi"}] * 50_000
     async with running_app(make_settings(model_dirs)) as (_, client):
