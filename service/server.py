@@ -158,6 +158,12 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._awaiting_headers = True  # the next request's headers; the keep-alive timer covers the idle time
         super().on_response_complete()
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes it cannot parse as HTTP (or an upgrade it does not serve): in the service's
+        error shape, and charged to the peer's error budget like the refusals above (it was plain text and
+        free, so garbage could be sent in a loop at no cost)."""
+        self._refuse(400, "Bad Request", "malformed_http", f"the request is not valid HTTP/1.1: {msg}")
+
     def _arm(self, delay_s: float, callback: object) -> None:
         self._disarm()
         self._timer = self.loop.call_later(delay_s, callback)  # type: ignore[arg-type]

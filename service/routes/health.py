@@ -25,15 +25,16 @@ class Readiness(BaseModel):
     variants: list[str]
 
 
-@router.get("/health/live")
+# HEAD too: some load balancers and uptime checkers probe with it (405 before).
+@router.api_route("/health/live", methods=["GET", "HEAD"])
 async def live() -> Liveness:
     return Liveness()
 
 
 # Not ready is answered with the error shape returned, not raised (raising would count the probe as a
 # rejected request); so the annotation includes JSONResponse and the response model is named here.
-@router.get("/health/ready", response_model=Readiness)
-@router.get("/health", response_model=Readiness)
+@router.api_route("/health/ready", methods=["GET", "HEAD"], response_model=Readiness)
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=Readiness)
 async def ready(request: Request, service: ServiceDep) -> Readiness | JSONResponse:
     try:
         service.check_accepting()

@@ -4,6 +4,7 @@ connection closes, and normal keep-alive traffic is untouched."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -48,6 +49,26 @@ def test_oversized_headers_get_431(guarded: LiveServer) -> None:
         sock.close()
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     assert b"headers_too_large" in answer
+
+
+def test_bytes_that_are_not_http_get_the_error_shape(guarded: LiveServer) -> None:
+    sock = _connect(guarded)
+    try:
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64)  # a TLS hello on plain HTTP
+        answer = _read_all(sock)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == "malformed_http"  # was uvicorn's plain-text line
+
+
+def test_health_answers_head(guarded: LiveServer) -> None:
+    with guarded.client() as client:
+        for path in ("/health/live", "/health/ready", "/health"):
+            response = client.head(path)
+            assert response.status_code == 200 and response.content == b"", path
 
 
 def test_trickled_headers_and_bodies_get_408_and_close(guarded: LiveServer) -> None:

@@ -91,14 +91,14 @@ def _raw_request(port: int, source: str, payload: bytes) -> bytes:
 
 
 def test_connection_refusals_count_and_a_spent_peer_is_not_read(model_dirs: ModelDirs) -> None:
-    """431s from the connection layer are charged to the peer; its next connection waits and gets 429
-    without a byte of it parsed, while another loopback address is served."""
+    """431s and unparseable requests from the connection layer are charged to the peer; its next connection
+    waits and gets 429 without a byte of it parsed, while another loopback address is served."""
     with start_server(model_dirs, client_error_burst=2, client_error_rate_per_s=0.01, client_error_delay_s=0.2,
                       max_header_bytes=2048, baseline_path=None) as live:
         port = int(live.base_url.rsplit(":", 1)[1])
         huge = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n"
-        for _ in range(2):
-            assert _raw_request(port, "127.0.0.2", huge).startswith(b"HTTP/1.1 431")
+        assert _raw_request(port, "127.0.0.2", huge).startswith(b"HTTP/1.1 431")
+        assert _raw_request(port, "127.0.0.2", b"\x16\x03\x01 not http\r\n\r\n").startswith(b"HTTP/1.1 400")
         started = time.monotonic()
         answer = _raw_request(port, "127.0.0.2", b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 429") and b"retry-after:" in answer.lower()
