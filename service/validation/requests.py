@@ -7,6 +7,7 @@ Checks run in the conventions' order: content type (415) â†’ body parse (400) â†
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -62,6 +63,24 @@ def _precheck_json_size(body: bytes, max_values: int) -> None:
         raise _too_many_values(max_values)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def parse_json(body: bytes) -> Any:
+    """json.loads as RFC 8259 has it: `NaN` and `Infinity` are not JSON, and a number too large for a float
+    (1e999, which Python reads as inf) is refused rather than passed on as infinity (an infinite learning
+    rate reached the job store as a 500)."""
+    return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+
+
 async def read_json(request: Request) -> Any:
     body = await request.body()
     if not body:
@@ -70,7 +89,7 @@ async def read_json(request: Request) -> Any:
     _precheck_json_size(body, max_values)
     try:
         # Parsing and counting values scale with the body: large bodies go to a worker thread.
-        return await offload_if_large(len(body), json.loads, body)
+        return await offload_if_large(len(body), parse_json, body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON body: {exc}") from exc
     except RecursionError:

@@ -45,6 +45,24 @@ async def test_strict_numbers_and_invisible_questions(model_dirs) -> None:
         assert_error(stream_yes, 422)
 
 
+async def test_json_numbers_are_finite(model_dirs, tiny_store: ModelStore) -> None:
+    """NaN, Infinity and 1e999 (inf to Python) are refused at parsing on every JSON route; an infinite
+    learning rate used to reach the job store as a 500."""
+    answer = '{"image": "%s", "question": "what?", "temperature": %s}'
+    async with running_app(make_settings(model_dirs)) as (_, client):
+        for number in ("NaN", "Infinity", "-Infinity", "1e999"):
+            response = await client.post("/v1/answer", content=answer % (B64, number),
+                                          headers={"Content-Type": "application/json"})
+            assert_error(response, 400, needle="malformed JSON")
+        fine = await client.post("/v1/answer", content=answer % (B64, "1e-999"),  # underflows to 0: greedy
+                                 headers={"Content-Type": "application/json"})
+        assert fine.status_code == 200, fine.text
+    async with running_app(store_settings(tiny_store.root)) as (_, client):
+        response = await client.post("/admin/convert", headers={**AUTH, "Content-Type": "application/json"},
+                                     content='{"model": "tiny", "skip_count": 1, "lr": 1e999}')
+        assert_error(response, 400, needle="out of range")
+
+
 async def test_truncated_multipart_is_refused(model_dirs) -> None:
     boundary = "xyzzy"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
