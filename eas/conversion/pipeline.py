@@ -20,6 +20,7 @@ every step of every loop; a set event raises `Cancelled`.
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 import threading
 import time
@@ -87,6 +88,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 _PRESET_ALTERNATIVES = {"steps": ("epochs",)}
 
 
+# Upper bounds on a request's sizes: far above any sensible conversion, low enough that a typo (a batch of
+# 10**9 rows, 10**9 threads) is refused when the job is submitted instead of failing or running for hours.
+MAX_BATCH_SIZE = 4096
+MAX_STEPS = 10_000_000
+MAX_EPOCHS = 10_000
+MAX_ROWS = 1_000_000
+MAX_LATENCY_RUNS = 1000
+MAX_NEW_TOKENS = 4096
+MAX_THREADS = 1024
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 class ConversionRequest(BaseModel):
     """Everything a conversion needs; JSON-serialisable, so an admin job can hand it to a worker process."""
 
@@ -109,29 +122,31 @@ class ConversionRequest(BaseModel):
     token_keep: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None
     token_criterion: Literal["cls", "merge", "uniform"] = "cls"
     # training (stage 2)
-    steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
-    epochs: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="optimizer steps; overrides epochs")
+    epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS)
     lr: float | None = Field(None, gt=0, description="None: 9e-3 · batch_size / 256 (the reference's scaling)")
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH_SIZE)
     seed: int = 0
     train_projector: bool = False
     adapters: AdapterConfig = Field(default_factory=AdapterConfig)
     search: SearchSettings = Field(default_factory=SearchSettings)
     recovery: RecoverySettings = Field(default_factory=RecoverySettings)
     # data
-    val_size: int = Field(256, gt=0, description="held-out rows carved from train (bandit rewards, checks)")
-    calibration_samples: int = Field(64, gt=0, description="rows for the cosine / kl criteria")
+    val_size: int = Field(256, gt=0, le=MAX_ROWS,
+                          description="held-out rows carved from train (bandit rewards, checks)")
+    calibration_samples: int = Field(64, gt=0, le=MAX_ROWS, description="rows for the cosine / kl criteria")
     # measurement
     eval_limit: int | None = Field(None, gt=0, description="test questions for accuracy; None = the full split")
     evaluate_accuracy: bool = True
-    latency_runs: int = Field(5, gt=0)
-    latency_prompts: int = Field(3, gt=0)
-    latency_new_tokens: int = Field(4, gt=0)
+    latency_runs: int = Field(5, gt=0, le=MAX_LATENCY_RUNS)
+    latency_prompts: int = Field(3, gt=0, le=MAX_LATENCY_RUNS)
+    latency_new_tokens: int = Field(4, gt=0, le=MAX_NEW_TOKENS)
     # output
     activate: bool = False
     out: Path | None = Field(None, description="write a plain directory here instead of a store version")
     device: str = "auto"
-    threads: int | None = Field(None, gt=0, description="torch CPU threads for this call; None = leave as is")
+    threads: int | None = Field(None, gt=0, le=MAX_THREADS,
+                                description="torch CPU threads for this call; None = leave as is")
     show_progress_bar: bool = True
 
     @model_validator(mode="before")
@@ -160,6 +175,14 @@ class ConversionRequest(BaseModel):
             raise ValueError("token_keep above 1 is a count of tokens and must be a whole number")
         if self.criterion not in available():
             raise ValueError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(available())}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device {self.device[:40]!r} is not one of auto, cpu, mps, cuda or cuda:N")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: this machine has no CUDA device (auto picks what there is)")
+        if self.device.startswith("cuda:") and int(self.device[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"device {self.device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("device 'mps': this machine has no MPS device")
         return self
 
     def budget(self) -> Budget:
