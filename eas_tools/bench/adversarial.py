@@ -49,6 +49,8 @@ import httpx
 import psutil
 from PIL import Image, ImageDraw
 
+from eas_tools.bench.processes import cpu_seconds, process_tree, tree_rss
+
 HOST = "127.0.0.1"
 # Attackers connect from another loopback address, as they would from another machine: the server's
 # per-address error budget (service/penalties.py) then tells them from the normal clients (127.0.0.1).
@@ -102,15 +104,6 @@ def serve(model_dir: Path, port: int) -> None:
     app = create_app(settings)
     config = uvicorn_config(app, settings, host=HOST, port=port, log_level="warning", lifespan="on")
     DrainingServer(config, app.state.service).run()
-
-
-def tree_rss(server: psutil.Process) -> int:
-    """RSS of the server and its children (its model processes, service/runner/process.py)."""
-    total = 0
-    for process in [server, *server.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += process.memory_info().rss
-    return total
 
 
 def build_model(directory: Path) -> Path:
@@ -327,18 +320,9 @@ async def attack_for(url: str, kind: str, seconds: float) -> dict[int, int]:
     return tally.statuses
 
 
-def cpu_seconds(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            times = process.cpu_times()
-            total += times.user + times.system
-    return total
-
-
 async def run_kind(url: str, kind: str, seconds: float, server: psutil.Process) -> dict[str, Any]:
     rss_before = tree_rss(server)
-    server_tree = [server, *server.children(recursive=True)]
+    server_tree = process_tree(server)
     me = psutil.Process()
     tally, stop = Tally(), asyncio.Event()
     # The attacker runs in its own process, so its client-side work never delays this process's probe.

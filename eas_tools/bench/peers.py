@@ -448,16 +448,10 @@ def run_cotenant(args: argparse.Namespace) -> Report:
 def run_cpu(args: argparse.Namespace) -> None:
     """One client, requests one by one: wall time and the server's CPU time per request (its threads and
     child processes, from psutil), each server in turn per round."""
-    import psutil
+    from eas_tools.bench.processes import cpu_seconds, process_tree
 
     def cpu_s(pid: int) -> float:
-        total = 0.0
-        process = psutil.Process(pid)
-        for p in [process, *process.children(recursive=True)]:
-            with suppress(psutil.Error):
-                times = p.cpu_times()
-                total += times.user + times.system
-        return total
+        return cpu_seconds(process_tree(pid))
 
     bodies = request_bodies(args.requests, args.max_new_tokens)
     print(f"load average before {_load()}")
