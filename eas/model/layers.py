@@ -93,6 +93,10 @@ class MergedSkippedLayer(_SkippedBase):
     V_k, κ_k; decode costs one RMSNorm, one FFN and two bias adds (plus the FFN-output norm of a
     sandwich block, which the stock layer computes too)."""
 
+    # Sub-modules run once per sample, at prefill (for the biases), never per generated token: a decode
+    # step does not read their weights (eas_tools/bench/traffic.py counts what a step reads).
+    eas_per_sample = ("pia_A",)
+
     def __init__(self, layer: nn.Module, state: PoolingState, layer_idx: int, rank: int) -> None:
         super().__init__(layer, state, layer_idx)
         gate_weight, _ = gate_up_weights(self.mlp)

@@ -52,13 +52,17 @@ class Burst:
 def bench_settings(baseline: Path, eas: Path, *, device: str, dtype: str, max_batch_size: int,
                    batch_wait_ms: float, max_new_tokens: int) -> Settings:
     """The service's settings for a benchmark: both directories, generous deadlines and queue, no auth,
-    no shadow traffic; everything else at the service defaults. Explicit values win over EAS_* variables."""
+    no shadow traffic; everything else at the service defaults. Explicit values win over EAS_* variables.
+
+    The models run on the server's own threads, not in model processes (service/runner/process.py, on by
+    default on a CPU): the in-process timings and memory figures run the very model objects the service
+    serves, and a model process leaves only a weightless placeholder in the server's process."""
     return Settings(model_path=eas, baseline_path=baseline, load_baseline=True, model="bench", device=device,
                     dtype=dtype, max_batch_size=max_batch_size, max_batch_wait_ms=batch_wait_ms,
                     max_queue_size=max(128, 4 * max_batch_size), default_deadline_ms=LONG_DEADLINE_MS,
                     max_deadline_ms=LONG_DEADLINE_MS, max_new_tokens=max(128, max_new_tokens),
                     default_max_new_tokens=min(8, max_new_tokens), api_token=None, admin_token=None,
-                    shadow_fraction=0.0)
+                    shadow_fraction=0.0, model_process=False)
 
 
 @contextlib.contextmanager
@@ -70,7 +74,11 @@ def serve(settings: Settings, startup_timeout_s: float = 1800.0) -> Iterator[tup
 
 
 def served_model(app: FastAPI, variant: str) -> LoadedModel:
-    return app.state.service.registry.get(variant).runner.model
+    model = app.state.service.registry.get(variant).runner.model
+    if any(p.device.type == "meta" for p in model.model.parameters()):
+        raise RuntimeError(f"the served {variant} model has no weights in this process (it runs in a model "
+                           "process); serve with model_process=False to time it in-process")
+    return model
 
 
 def batch_stats(app: FastAPI, variant: str) -> tuple[float, float]:

@@ -20,7 +20,8 @@ class PeerApi(ls.LitAPI):
     def setup(self, device: str) -> None:
         from eas.model.loading import load_model
 
-        self.model = load_model(self.model_dir, device="cpu", dtype="fp32")
+        # LitServe names the worker's device ("cpu", or "cuda:0" with accelerator="cuda"); bf16 on a GPU
+        self.model = load_model(self.model_dir, device=device, dtype="auto")
 
     def decode_request(self, request: dict[str, Any]) -> tuple[Any, str, int]:
         from eas_tools.bench.peers import decode_body

@@ -3,6 +3,7 @@
     python -m eas_tools.bench.peers                       # embedded demo model, 1/4/16 clients, 3 rounds
     python -m eas_tools.bench.peers --cotenant            # eas-serve's thread choice beside a busy neighbour
     python -m eas_tools.bench.peers --cpu                 # one client: wall and server CPU per request
+    python -m eas_tools.bench.peers --device cuda         # every server on the GPU, in bf16
 
 Each server runs in its own process with the same torch thread count (`--threads`, default 1), loads the
 same directory with `eas.model.loading.load_model` (eas-serve through its own loader, which ends there) and
@@ -82,16 +83,17 @@ def request_bodies(count: int = 16, max_new_tokens: int = 8) -> list[dict[str, A
 # --- the servers (each `python -m eas_tools.bench.peers _serve NAME ...` in its own process) -------------
 
 def serve(name: str, port: int, model_dir: Path, *, max_batch: int, window_ms: float,
-          litserve_timeout_ms: float) -> None:
+          litserve_timeout_ms: float, device: str = "cpu") -> None:
+    """`device`: cpu (fp32) or cuda (bf16), the service's own defaults for each (`EAS_DTYPE=auto`)."""
     if name == "eas-serve":
-        _serve_eas(port, model_dir, max_batch, window_ms)
+        _serve_eas(port, model_dir, max_batch, window_ms, device)
     elif name == "litserve":
-        _serve_litserve(port, model_dir, max_batch, litserve_timeout_ms)
+        _serve_litserve(port, model_dir, max_batch, litserve_timeout_ms, device)
     else:
-        _serve_naive(port, model_dir)
+        _serve_naive(port, model_dir, device)
 
 
-def _serve_eas(port: int, model_dir: Path, max_batch: int, window_ms: float) -> None:
+def _serve_eas(port: int, model_dir: Path, max_batch: int, window_ms: float, device: str = "cpu") -> None:
     if os.environ.get(INLINE_PREPARE):
         _prepare_inline()
     if os.environ.get(SWITCH_INTERVAL):
@@ -106,7 +108,7 @@ def _serve_eas(port: int, model_dir: Path, max_batch: int, window_ms: float) -> 
     from service.server import DrainingServer
     from service.settings import Settings
 
-    settings = Settings(model_path=model_dir, load_baseline=False, model="peers", device="cpu", dtype="fp32",
+    settings = Settings(model_path=model_dir, load_baseline=False, model="peers", device=device, dtype="auto",
                         max_batch_size=max_batch, max_batch_wait_ms=window_ms, max_queue_size=1024,
                         default_deadline_ms=600_000, max_deadline_ms=600_000, api_token=None, admin_token=None,
                         shadow_fraction=0.0)
@@ -141,17 +143,18 @@ def decode_body(body: dict[str, Any]) -> tuple[Any, str, int]:
     return image, str(body["question"]), int(body.get("max_new_tokens", 8))
 
 
-def _serve_litserve(port: int, model_dir: Path, max_batch: int, timeout_ms: float) -> None:
+def _serve_litserve(port: int, model_dir: Path, max_batch: int, timeout_ms: float, device: str = "cpu") -> None:
     import litserve as ls
 
     from eas_tools.bench.litserve_api import PeerApi
 
     api = PeerApi(model_dir, max_batch_size=max_batch, batch_timeout=timeout_ms / 1000.0)
-    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=600)
+    server = ls.LitServer(api, accelerator="cuda" if device == "cuda" else "cpu", devices=1, workers_per_device=1,
+                          timeout=600)
     server.run(host="127.0.0.1", port=port, log_level="warning", generate_client_file=False, num_api_servers=1)
 
 
-def _serve_naive(port: int, model_dir: Path) -> None:
+def _serve_naive(port: int, model_dir: Path, device: str = "cpu") -> None:
     import threading
 
     import uvicorn
@@ -159,7 +162,7 @@ def _serve_naive(port: int, model_dir: Path) -> None:
 
     from eas.model.loading import load_model
 
-    model = load_model(model_dir, device="cpu", dtype="fp32")
+    model = load_model(model_dir, device=device, dtype="auto")
     lock = threading.Lock()  # one request at a time: no batching, no concurrent use of the model
     app = FastAPI()
 
@@ -196,7 +199,7 @@ def start_server(name: str, args: argparse.Namespace, label: str | None = None,
     port = free_port()
     command = [sys.executable, "-m", "eas_tools.bench.peers", "_serve", name, "--port", str(port),
                "--model", str(args.model), "--max-batch", str(args.max_batch), "--window-ms", str(args.window_ms),
-               "--litserve-timeout-ms", str(args.litserve_timeout_ms)]
+               "--litserve-timeout-ms", str(args.litserve_timeout_ms), "--device", args.device]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env if env is not None else thread_env(args.threads))}
     environment = {k: v for k, v in environment.items() if v is not None}
     process = subprocess.Popen(command, env=environment, start_new_session=True)
@@ -494,11 +497,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-neighbour", action="store_true",
                         help="with --cotenant: the same thread set-ups without the neighbour (the control)")
     parser.add_argument("--cpu", action="store_true", help="one client: wall and server CPU time per request")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where every server runs its model: cpu (fp32) or cuda (bf16)")
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
     args = parser.parse_args(argv)
     if args.command == "_serve":
         serve(args.name, args.port, args.model, max_batch=args.max_batch, window_ms=args.window_ms,
-              litserve_timeout_ms=args.litserve_timeout_ms)
+              litserve_timeout_ms=args.litserve_timeout_ms, device=args.device)
         return
     if args.cpu:
         run_cpu(args)

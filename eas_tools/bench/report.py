@@ -20,6 +20,7 @@ from pydantic import BeforeValidator, TypeAdapter
 
 from eas_tools.bench.flops import FlopCount
 from eas_tools.bench.memory import MemoryResult
+from eas_tools.bench.traffic import DecodeBytes
 
 JSON_NAME = "bench.json"
 SUMMARY_NAME = "summary.md"
@@ -225,6 +226,22 @@ class SweepPoint:
     eas_median_s: dict[str, Figure]
     speedup: dict[str, Figure]
     flop_ratio: Figure
+    # each phase's bound (absent in reports before them): prefill's FLOP ratio, decode's bytes-read ratio
+    prefill_flop_ratio: Figure | None = field(default=None, metadata=OMIT_IF_NONE)
+    decode_bytes_ratio: Figure | None = field(default=None, metadata=OMIT_IF_NONE)
+
+
+@dataclass(frozen=True)
+class SpeedBounds:
+    """Batch 1, each phase's measured speed-up (paired, in-process) beside the bound that removing the
+    work gives it: prefill is compute-bound, so its FLOP ratio; a decode step is memory-bound, so its ratio
+    of bytes read (eas_tools/bench/traffic.py)."""
+
+    prefill_speedup: Figure
+    prefill_flop_ratio: Figure | None
+    decode_per_token_speedup: Figure
+    decode_bytes_ratio: Figure
+    decode_bytes: PerVariant[DecodeBytes]
 
 
 @dataclass(frozen=True)
@@ -284,6 +301,7 @@ class BenchReport:
     throughput: list[ThroughputRow]
     sweep: list[SweepPoint]
     acceptance: Annotated[Acceptance, BeforeValidator(Acceptance.nest)]
+    bounds: SpeedBounds | None = field(default=None, metadata=OMIT_IF_NONE)  # absent in reports before it
 
     def to_json(self) -> dict[str, Any]:
         """The document `bench.json` holds (strict JSON: no NaN)."""
@@ -345,6 +363,12 @@ def _ms(seconds: float | None) -> str:
 
 def _x(ratio: float | None) -> str:
     return "–" if ratio is None or not math.isfinite(ratio) else f"{ratio:.3f}×"
+
+
+def _frac(measured: float | None, bound: float | None) -> str:
+    if measured is None or bound is None or not (math.isfinite(measured) and math.isfinite(bound)) or bound <= 0:
+        return "–"
+    return f"{measured / bound:.3f}"
 
 
 def _mib(n: int | None) -> str:
@@ -426,14 +450,27 @@ def summary(r: BenchReport) -> str:
         lines.append(f"| {row.clients} | {row.requests} | {base.requests_per_s:.2f} | {eas.requests_per_s:.2f} "
                      f"| {_x(row.speedup)} | {_ms(base.latency_p50_s)} | {_ms(eas.latency_p50_s)} | "
                      f"{base.mean_batch_size:.2f} / {eas.mean_batch_size:.2f} |")
+    if r.bounds is not None:
+        b = r.bounds
+        per_step = b.decode_bytes
+        lines += ["", "## speed-up against each phase's bound (raw, batch 1, paired)", "",
+                  "| phase | measured speed-up | bound | measured / bound |", "|---|---|---|---|",
+                  f"| prefill (compute-bound) | {_x(b.prefill_speedup)} | FLOP ratio {_x(b.prefill_flop_ratio)} | "
+                  f"{_frac(b.prefill_speedup, b.prefill_flop_ratio)} |",
+                  f"| decode, per token (memory-bound) | {_x(b.decode_per_token_speedup)} | bytes ratio "
+                  f"{_x(b.decode_bytes_ratio)} | {_frac(b.decode_per_token_speedup, b.decode_bytes_ratio)} |",
+                  "", f"bytes read per decode step: baseline {_mib(per_step.baseline.weights)} weights + "
+                      f"{_mib(int(per_step.baseline.kv_cache))} KV; EAS {_mib(per_step.eas.weights)} weights + "
+                      f"{_mib(int(per_step.eas.kv_cache))} KV ({per_step.eas.attention_layers} attention layers)"]
     if r.sweep:
         lines += ["", "## skip-fraction sweep (raw, batch 1)", "",
-                  "| skipped | baseline e2e | EAS e2e | speed-up | prefill speed-up | decode/token speed-up "
-                  "| FLOP ratio |", "|---|---|---|---|---|---|---|"]
+                  "| skipped | baseline e2e | EAS e2e | speed-up | prefill speed-up (FLOP ratio) | decode/token "
+                  "speed-up (bytes ratio) | FLOP ratio |", "|---|---|---|---|---|---|---|"]
         for p in r.sweep:
             lines.append(f"| {len(p.skipped)} ({p.skip_fraction:.2f}) | {_ms(p.baseline_median_s['e2e_s'])} "
                          f"| {_ms(p.eas_median_s['e2e_s'])} | {_x(p.speedup['e2e_s'])} | "
-                         f"{_x(p.speedup['prefill_s'])} | {_x(p.speedup['decode_per_token_s'])} | "
+                         f"{_x(p.speedup['prefill_s'])} ({_x(p.prefill_flop_ratio)}) | "
+                         f"{_x(p.speedup['decode_per_token_s'])} ({_x(p.decode_bytes_ratio)}) | "
                          f"{_x(p.flop_ratio)} |")
     acc = r.acceptance
     lines += ["", "## acceptance (HTTP speed-up ≥ FLOP ratio and ≥ 95% of the raw speed-up)", ""]

@@ -68,12 +68,14 @@ from eas_tools.bench.report import (
     PairedSpeedup,
     PerVariant,
     RawStats,
+    SpeedBounds,
     SweepPoint,
     ThroughputRow,
     jsonable,
     write_report,
 )
 from eas_tools.bench.skips import Placement, bench_plan
+from eas_tools.bench.traffic import DecodeBytes, bytes_ratio, count_decode_bytes
 from eas_tools.bench.variants import (
     BenchSetupError,
     VariantDirs,
@@ -369,6 +371,24 @@ def flop_section(models: dict[str, LoadedModel], prompt_tokens: int, new_tokens:
                  ratio_causal_scores=FlopRatios(**flop_ratios(causal["baseline"], causal["eas"])))
 
 
+def decode_bytes_for(loaded: LoadedModel, prompt_tokens: int, new_tokens: int) -> DecodeBytes:
+    skipped = loaded.plan.skipped if loaded.plan is not None else ()
+    return count_decode_bytes(loaded.model, prompt_tokens, new_tokens, skipped)
+
+
+def speed_bounds(models: dict[str, LoadedModel], batch: BatchResult, flops: Flops | FlopsUnavailable) -> SpeedBounds:
+    """Batch 1's paired in-process speed-ups of prefill and of a decode step beside their bounds."""
+    raw = batch.raw.eas
+    per_step = {v: decode_bytes_for(models[v], raw.prompt_tokens[0], raw.new_tokens[0]) for v in VARIANTS}
+    measured = batch.paired.raw if batch.paired is not None else batch.raw_speedup
+    return SpeedBounds(
+        prefill_speedup=measured["prefill_s"],
+        prefill_flop_ratio=flops.ratio.prefill if isinstance(flops, Flops) else None,
+        decode_per_token_speedup=measured["decode_per_token_s"],
+        decode_bytes_ratio=bytes_ratio(per_step["baseline"], per_step["eas"]),
+        decode_bytes=PerVariant(**per_step))
+
+
 def run_sweep(options: BenchOptions, baseline: RawRunner, main_eas: RawRunner, workdir: Path,
               progress: Progress) -> list[SweepPoint]:
     """Raw batch-1 latency against the skip fraction: one converted model per fraction, A/B with the baseline."""
@@ -411,6 +431,9 @@ def run_sweep(options: BenchOptions, baseline: RawRunner, main_eas: RawRunner, w
             skipped=list(plan.skipped), baseline_median_s=med["baseline"], eas_median_s=med["eas"],
             speedup={k: _ratio(med["baseline"][k], med["eas"][k]) for k in med["eas"]},
             flop_ratio=flop_ratios(base_flops, eas_flops)["total"],
+            prefill_flop_ratio=flop_ratios(base_flops, eas_flops)["prefill"],
+            decode_bytes_ratio=bytes_ratio(decode_bytes_for(baseline.loaded, prompt, new),
+                                           decode_bytes_for(runner.loaded, prompt, new)),
         ))
         if owned:
             runner.close()
@@ -515,6 +538,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
                     runner.close()
             first = batches["1"].raw.eas
             flops = flop_section(models, first.prompt_tokens[0], first.new_tokens[0])
+            bounds = speed_bounds(models, batches["1"], flops)
             model_info = {v: ModelSummary(
                 path=str(models[v].path),
                 skipped=list(models[v].plan.skipped) if models[v].plan is not None else [],
@@ -532,6 +556,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
         models=Models(**{f.name: getattr(source, f.name) for f in fields(source)},
                       baseline=model_info["baseline"], eas=model_info["eas"]),
         flops=flops, batches=batches, throughput=throughput, sweep=sweep, acceptance=acceptance(flops, batches),
+        bounds=bounds,
     )
     write_report(report, options.out)
     return report

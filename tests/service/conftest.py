@@ -5,6 +5,7 @@ client (no sockets) with its lifespan entered and its models warm."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager, asynccontextmanager
@@ -29,6 +30,11 @@ from service.server import DrainingServer, background_server
 from service.settings import Settings
 
 hf_logging.disable_progress_bar()  # keep test output readable
+
+# Where the served models and the tests' own reference copies run: the CPU in fp32 by default (CI);
+# `EAS_TEST_DEVICE=cuda EAS_TEST_DTYPE=bf16` runs the service tests on a GPU in bf16 (docs/development.md).
+TEST_DEVICE = os.environ.get("EAS_TEST_DEVICE", "cpu")
+TEST_DTYPE = os.environ.get("EAS_TEST_DTYPE", "fp32")
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> ModelDirs:
 
 def make_settings(dirs: ModelDirs, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"model_path": dirs.eas, "baseline_path": dirs.baseline, "model": "tiny-llava",
-                              "device": "cpu", "dtype": "fp32", "max_batch_wait_ms": 2.0,
+                              "device": TEST_DEVICE, "dtype": TEST_DTYPE, "max_batch_wait_ms": 2.0,
                               "api_token": None, "admin_token": None, "shutdown_timeout_s": 5.0}
     values.update(overrides)
     return Settings(**values)

@@ -18,7 +18,7 @@ import pytest
 
 from model_store import ModelStore
 from service.settings import Settings
-from tests.service.conftest import ModelDirs, image_bytes, multipart, running_app
+from tests.service.conftest import TEST_DEVICE, TEST_DTYPE, ModelDirs, image_bytes, multipart, running_app
 
 pytestmark = pytest.mark.anyio
 
@@ -51,8 +51,8 @@ def dataset(shapes_jsonl: Path) -> str:
 
 def store_settings(root: Path, **overrides: Any) -> Settings:
     # Datasets only from configured roots (issue 17): the session's temporary tree holds the test datasets.
-    values: dict[str, Any] = dict(model_store=root, model="tiny", device="cpu", dtype="fp32", max_batch_wait_ms=2.0,
-                                  admin_token=TOKEN, api_token=None, shutdown_timeout_s=5.0,
+    values: dict[str, Any] = dict(model_store=root, model="tiny", device=TEST_DEVICE, dtype=TEST_DTYPE,
+                                  max_batch_wait_ms=2.0, admin_token=TOKEN, api_token=None, shutdown_timeout_s=5.0,
                                   dataset_roots=[root.parent.parent])
     values.update(overrides)
     return Settings(**values)

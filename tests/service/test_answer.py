@@ -8,7 +8,15 @@ import base64
 import pytest
 
 from eas.model.loading import LoadedModel, load_model
-from tests.service.conftest import ModelDirs, image_bytes, make_settings, multipart, running_app
+from tests.service.conftest import (
+    TEST_DEVICE,
+    TEST_DTYPE,
+    ModelDirs,
+    image_bytes,
+    make_settings,
+    multipart,
+    running_app,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -23,7 +31,7 @@ async def served(model_dirs: ModelDirs):
 
 @pytest.fixture(scope="module")
 def direct(model_dirs: ModelDirs) -> dict[str, LoadedModel]:
-    return {v: load_model(getattr(model_dirs, v), device="cpu", dtype="fp32") for v in ("eas", "baseline")}
+    return {v: load_model(getattr(model_dirs, v), device=TEST_DEVICE, dtype=TEST_DTYPE) for v in ("eas", "baseline")}
 
 
 def _pil(data: bytes):

@@ -15,7 +15,16 @@ from eas.model.loading import load_model
 from service.batching.batcher import Batcher
 from service.batching.work import Generation, WorkItem
 from service.errors import DeadlineExceeded, QueueFull, ServiceUnavailable
-from tests.service.conftest import Gate, ModelDirs, image_bytes, make_settings, multipart, running_app
+from tests.service.conftest import (
+    TEST_DEVICE,
+    TEST_DTYPE,
+    Gate,
+    ModelDirs,
+    image_bytes,
+    make_settings,
+    multipart,
+    running_app,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -180,7 +189,7 @@ async def test_batched_answers_equal_unbatched(model_dirs: ModelDirs) -> None:
         responses = [await first, *(await asyncio.gather(*rest))]
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     assert gate.batches == [1, 7]
-    direct = load_model(model_dirs.eas, device="cpu", dtype="fp32")
+    direct = load_model(model_dirs.eas, device=TEST_DEVICE, dtype=TEST_DTYPE)
     for response, png, question, n in zip(responses[1:], pngs, QUESTIONS, tokens, strict=True):
         alone = direct.answer([Image.open(io.BytesIO(png))], [question], max_new_tokens=n)[0]
         assert response.json()["answer"] == alone, question

@@ -11,7 +11,15 @@ import pytest
 from PIL import Image
 
 from eas.model.loading import LoadedModel, load_model
-from tests.service.conftest import ModelDirs, image_bytes, make_settings, running_app, uvicorn_thread
+from tests.service.conftest import (
+    TEST_DEVICE,
+    TEST_DTYPE,
+    ModelDirs,
+    image_bytes,
+    make_settings,
+    running_app,
+    uvicorn_thread,
+)
 
 QUESTION = "what colour is the circle?"
 TOKEN = "chat-test-token"
@@ -26,7 +34,7 @@ def _messages(png: bytes, question: str = QUESTION) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def direct(model_dirs: ModelDirs) -> dict[str, LoadedModel]:
-    return {v: load_model(getattr(model_dirs, v), device="cpu", dtype="fp32") for v in ("eas", "baseline")}
+    return {v: load_model(getattr(model_dirs, v), device=TEST_DEVICE, dtype=TEST_DTYPE) for v in ("eas", "baseline")}
 
 
 def _expected(direct: dict[str, LoadedModel], variant: str, png: bytes, max_new_tokens: int = 8) -> str:

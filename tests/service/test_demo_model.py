@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.settings import Settings
-from tests.service.conftest import running_app
+from tests.service.conftest import TEST_DEVICE, TEST_DTYPE, running_app
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +26,7 @@ def _colour_questions(n: int = 6) -> list[tuple[bytes, str]]:
 
 
 async def test_demo_model_answers_colour_questions_over_both_content_types() -> None:
-    settings = Settings(model_path=EMBEDDED, model="easy-vqa-llava", device="cpu", dtype="fp32",
+    settings = Settings(model_path=EMBEDDED, model="easy-vqa-llava", device=TEST_DEVICE, dtype=TEST_DTYPE,
                         api_token=None, admin_token=None)
     async with running_app(settings) as (_app, client):
         right = 0
@@ -48,7 +48,7 @@ async def test_a_fresh_store_serves_the_shipped_conversion_beside_its_baseline(t
     """What `make serve` does on a fresh clone: the store seeds the embedded model and its shipped EAS
     conversion, and the service answers with `eas` by default, its skipped layers in /info, the baseline
     beside it; `/v1/models` lists the default first."""
-    settings = Settings(model_store=tmp_path / "store", device="cpu", dtype="fp32", api_token=None,
+    settings = Settings(model_store=tmp_path / "store", device=TEST_DEVICE, dtype=TEST_DTYPE, api_token=None,
                         admin_token=None)
     async with running_app(settings) as (_app, client):
         info = (await client.get("/info")).json()
@@ -77,6 +77,6 @@ def test_the_shipped_conversion_was_made_from_the_shipped_baseline() -> None:
 
     converted = EMBEDDED.with_name(EMBEDDED.name + "-eas")
     plan = SkipPlan.from_json((converted / "plan.json").read_text())
-    baseline = load_model(EMBEDDED, device="cpu")
+    baseline = load_model(EMBEDDED, device=TEST_DEVICE, dtype=TEST_DTYPE)
     assert plan.fingerprint == model_fingerprint(baseline.model)
     assert plan.criterion == "eas" and len(plan.skipped) * 2 == plan.num_layers  # 50% skipped

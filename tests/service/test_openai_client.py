@@ -21,7 +21,7 @@ from service.app import create_app
 from service.runner.runner import VariantInfo
 from service.settings import Settings
 from service.validation.sampling import SEED_BOUND
-from tests.service.conftest import Gate, ModelDirs, image_bytes, make_settings, uvicorn_thread
+from tests.service.conftest import TEST_DEVICE, TEST_DTYPE, Gate, ModelDirs, image_bytes, make_settings, uvicorn_thread
 
 QUESTION = "what colour is the circle?"
 STEP_S = 0.04  # the slowed model's extra time per forward pass (one per generated token)
@@ -40,7 +40,7 @@ def png() -> bytes:
 
 @pytest.fixture(scope="module")
 def greedy(model_dirs: ModelDirs, png: bytes) -> str:
-    model = load_model(model_dirs.eas, device="cpu", dtype="fp32")
+    model = load_model(model_dirs.eas, device=TEST_DEVICE, dtype=TEST_DTYPE)
     return model.answer([Image.open(io.BytesIO(png))], [QUESTION], 12)[0]
 
 

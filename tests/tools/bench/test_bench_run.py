@@ -23,7 +23,11 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[BenchReport, Pa
     out = tmp_path_factory.mktemp("bench")
     options = resolve_options(out, quick=True, geometry="tiny", sweep=True, progress=False,
                               command=["eas", "bench", "--quick"])
-    return run_bench(options, log=lambda _msg: None), out
+    # As `eas bench` runs for a user on a CPU, where the service's default puts each model in a process of
+    # its own (the suite turns that off): the bench must still time the served models in-process.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("EAS_MODEL_PROCESS", "true")
+        return run_bench(options, log=lambda _msg: None), out
 
 
 def test_writes_valid_json_summary_and_plots(quick_run: tuple[BenchReport, Path]) -> None:
@@ -73,6 +77,24 @@ def test_sweep_includes_the_unskipped_conversion_as_a_control(quick_run: tuple[B
     sweep = quick_run[0].sweep
     assert [p.skipped for p in sweep] == [[], [2, 3]]
     assert sweep[0].flop_ratio == 1.0 and sweep[1].flop_ratio > 1.0
+
+
+def test_each_phase_is_reported_beside_its_bound(quick_run: tuple[BenchReport, Path]) -> None:
+    """Prefill against its FLOP ratio, a decode step against its ratio of bytes read (issue 18 item 5)."""
+    report, out = quick_run
+    bounds = report.bounds
+    assert bounds is not None and isinstance(report.flops, Flops)
+    assert bounds.prefill_flop_ratio == report.flops.ratio.prefill
+    assert bounds.decode_per_token_speedup == report.batches["1"].paired.raw["decode_per_token_s"]
+    per_step = bounds.decode_bytes
+    assert (per_step.baseline.attention_layers, per_step.eas.attention_layers) == (4, 2)
+    assert per_step.baseline.kv_cache == 2 * per_step.eas.kv_cache
+    assert bounds.decode_bytes_ratio == per_step.baseline.per_step / per_step.eas.per_step > 1.0
+    sweep = report.sweep
+    # the unskipped conversion removes nothing; its kept layers' folded q/k/v biases are a few bytes more
+    assert 0.99 < sweep[0].decode_bytes_ratio < 1.0 and sweep[0].prefill_flop_ratio == 1.0
+    assert sweep[1].decode_bytes_ratio == pytest.approx(bounds.decode_bytes_ratio)
+    assert "speed-up against each phase's bound" in (out / SUMMARY_NAME).read_text()
 
 
 def test_acceptance_is_reported_per_batch_size(quick_run: tuple[BenchReport, Path]) -> None:
