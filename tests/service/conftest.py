@@ -32,7 +32,7 @@ from service.settings import Settings
 hf_logging.disable_progress_bar()  # keep test output readable
 
 # Where the served models and the tests' own reference copies run: the CPU in fp32 by default (CI);
-# `EAS_TEST_DEVICE=cuda EAS_TEST_DTYPE=bf16` runs the service tests on a GPU in bf16 (docs/development.md).
+# `EAS_TEST_DEVICE=cuda EAS_TEST_DTYPE=bf16` runs the service tests on a GPU in bf16 (docs/serving.md, "On a GPU").
 TEST_DEVICE = os.environ.get("EAS_TEST_DEVICE", "cpu")
 TEST_DTYPE = os.environ.get("EAS_TEST_DTYPE", "fp32")
 

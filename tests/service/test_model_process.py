@@ -63,9 +63,10 @@ def direct(model_dirs: ModelDirs) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 async def served(model_dirs: ModelDirs):
-    # model_process=None: the default, which is on for a CPU model and the service's own loader.
+    # model_process=None: the default, which is on for a CPU model and the service's own loader. On the CPU
+    # even where the suite serves on a GPU (EAS_TEST_DEVICE): the model process is the CPU's default only.
     async with running_app(make_settings(model_dirs, baseline_path=None, load_baseline=False,
-                                         model_process=None)) as pair:
+                                         model_process=None, device="cpu", dtype="fp32")) as pair:
         yield pair
 
 
@@ -89,7 +90,7 @@ def _chat(png: bytes, **extra: Any) -> dict[str, Any]:
 # --- the decision --------------------------------------------------------------------------------------
 
 def test_default_is_on_for_the_cpu_with_the_services_loader(model_dirs: ModelDirs) -> None:
-    auto = make_settings(model_dirs, model_process=None)
+    auto = make_settings(model_dirs, model_process=None, device="cpu", dtype="fp32")
     assert uses_model_process(auto, default_loader)
     assert not uses_model_process(auto, lambda info, settings: default_loader(info, settings))  # a test's stand-in
     assert not uses_model_process(make_settings(model_dirs, model_process=False), default_loader)
