@@ -28,16 +28,17 @@ class PeerApi(ls.LitAPI):
 
         return decode_body(request)
 
-    def predict(self, batch: Any) -> list[tuple[str, float]]:
+    def predict(self, batch: Any) -> list[tuple[str, float, int]]:
         rows = batch if isinstance(batch, list) else [batch]  # max batch 1: LitServe passes the item itself
         start = time.perf_counter()
         answers = self.model.answer([r[0] for r in rows], [r[1] for r in rows], max(r[2] for r in rows))
         seconds = time.perf_counter() - start
-        return [(answer, seconds) for answer in answers]
+        return [(answer, seconds, len(rows)) for answer in answers]
 
-    def unbatch(self, output: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    def unbatch(self, output: list[tuple[str, float, int]]) -> list[tuple[str, float, int]]:
         return output
 
     def encode_response(self, output: Any) -> dict[str, Any]:
-        answer, seconds = output if isinstance(output, tuple) else output[0]
-        return {"answer": answer, "model_s": seconds}  # the model's time, as eas-serve's Server-Timing has it
+        answer, seconds, batch = output if isinstance(output, tuple) else output[0]
+        # the model's time, as eas-serve's Server-Timing has it, and the size of the batch it ran in
+        return {"answer": answer, "model_s": seconds, "batch": batch}

@@ -267,6 +267,8 @@ class Cell:
     p50_ms: float
     p90_ms: float
     errors: int
+    # mean rows per model call: eas-serve's batch-size metric, LitServe's per-answer report, 1 for naive
+    mean_batch: float | None = None
 
     @property
     def rps(self) -> float:
@@ -274,8 +276,9 @@ class Cell:
 
 
 async def closed_loop(url: str, bodies: list[dict[str, Any]], clients: int, duration_s: float,
-                      warmup_s: float) -> tuple[list[float], int, float]:
-    """`clients` clients, each sending its next request as soon as its last one is answered."""
+                      warmup_s: float, batches: list[int] | None = None) -> tuple[list[float], int, float]:
+    """`clients` clients, each sending its next request as soon as its last one is answered. A server that
+    reports each answer's batch size (LitServe here) has them appended to `batches`."""
     latencies: list[float] = []
     errors = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -296,6 +299,8 @@ async def closed_loop(url: str, bodies: list[dict[str, Any]], clients: int, dura
                 if measure_from <= done <= stop_at:  # answered inside the window (req/s = these / window)
                     if response.status_code == 200:
                         latencies.append(done - sent)
+                        if batches is not None and "batch" in (body := response.json()):
+                            batches.append(int(body["batch"]))
                     else:
                         errors += 1
 
@@ -309,21 +314,55 @@ def measure_cell(servers: list[Server], bodies: list[dict[str, Any]], clients: i
     that comes and goes on a shared machine lands on all of them alike."""
     latencies: dict[str, list[float]] = {s.label: [] for s in servers}
     errors = dict.fromkeys(latencies, 0)
+    reported: dict[str, list[int]] = {s.label: [] for s in servers}  # per answer (LitServe)
+    counted = {s.label: [0.0, 0.0] for s in servers}  # (rows, batches) from eas-serve's metrics
     shift = rnd % len(servers)
     order = servers[shift:] + servers[:shift]  # who goes first rotates every round
     for k in range(slices):
         for server in order if k % 2 == 0 else list(reversed(order)):
+            before = batch_counts(server)
             got, failed, _ = asyncio.run(closed_loop(server.url + ROUTES[server.name], bodies, clients,
-                                                     duration_s / slices, warmup_s))
+                                                     duration_s / slices, warmup_s, reported[server.label]))
+            after = batch_counts(server)
+            if before is not None and after is not None:
+                counted[server.label][0] += after[0] - before[0]
+                counted[server.label][1] += after[1] - before[1]
             latencies[server.label] += got
             errors[server.label] += failed
     cells = []
     for server in servers:
         ordered = sorted(latencies[server.label]) or [float("nan")]
+        rows, calls = counted[server.label]
+        mean_batch = (rows / calls if calls else rows_per_call(reported[server.label]) if reported[server.label]
+                      else 1.0 if server.name == "naive" else None)
         cells.append(Cell(server=server.label, clients=clients, round=rnd, requests=len(latencies[server.label]),
                           wall_s=duration_s, p50_ms=1000 * statistics.median(ordered),
-                          p90_ms=1000 * ordered[int(0.9 * (len(ordered) - 1))], errors=errors[server.label]))
+                          p90_ms=1000 * ordered[int(0.9 * (len(ordered) - 1))], errors=errors[server.label],
+                          mean_batch=mean_batch))
     return cells
+
+
+def rows_per_call(reports: list[int]) -> float:
+    """Mean rows per model call from each answer's batch size: a call of n rows reports n answers of n, so
+    the calls number sum(1/n) over the answers (the harmonic mean of the reports)."""
+    return len(reports) / sum(1 / n for n in reports)
+
+
+def batch_counts(server: Server) -> tuple[float, float] | None:
+    """eas-serve's (rows, batches) so far, summed over its variants, from /metrics; None for other servers."""
+    if server.name != "eas-serve":
+        return None
+    return batch_totals(httpx.get(server.url + "/metrics", trust_env=False, timeout=10).text)
+
+
+def batch_totals(text: str) -> tuple[float, float]:
+    """(rows, batches) from the `eas_batch_size` histogram's sum and count in a Prometheus exposition."""
+    total = {"eas_batch_size_sum": 0.0, "eas_batch_size_count": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in total:
+            total[name] += float(line.rsplit(" ", 1)[1])
+    return total["eas_batch_size_sum"], total["eas_batch_size_count"]
 
 
 def answers(server: Server, bodies: list[dict[str, Any]]) -> list[str]:
@@ -362,6 +401,9 @@ def summarise(cells: list[Cell], reference: str, others: list[str]) -> list[dict
                                    "rps": statistics.median(c.rps for c in mine),
                                    "p50_ms": statistics.median(c.p50_ms for c in mine),
                                    "errors": sum(c.errors for c in mine)}
+            batches = [c.mean_batch for c in mine if c.mean_batch is not None]
+            if batches:
+                row["mean_batch"] = statistics.median(batches)
             if name != reference:
                 pairs = [(by[(reference, clients, c.round)], c) for c in mine if (reference, clients, c.round) in by]
                 # > 1 means eas-serve (the reference) is better: more req/s, lower p50
@@ -372,14 +414,15 @@ def summarise(cells: list[Cell], reference: str, others: list[str]) -> list[dict
 
 
 def format_summary(rows: list[dict[str, Any]], reference: str) -> str:
-    lines = [f"{'clients':>7} {'server':<22} {'req/s':>8} {'p50 ms':>8}  paired vs {reference} (req/s ratio, "
-             f"p50 ratio; median of rounds)"]
+    lines = [f"{'clients':>7} {'server':<22} {'req/s':>8} {'p50 ms':>8} {'batch':>6}  paired vs {reference} "
+             f"(req/s ratio, p50 ratio; median of rounds)"]
     for row in rows:
         extra = ""
         if f"{reference}_rps_ratio" in row:
             extra = (f"  {reference}/this req/s {row[f'{reference}_rps_ratio']:.2f}x, "
                      f"p50 {row[f'{reference}_p50_ratio']:.2f}x")
-        lines.append(f"{row['clients']:>7} {row['server']:<22} {row['rps']:>8.1f} {row['p50_ms']:>8.1f}{extra}")
+        batch = f"{row['mean_batch']:>6.2f}" if "mean_batch" in row else f"{'–':>6}"
+        lines.append(f"{row['clients']:>7} {row['server']:<22} {row['rps']:>8.1f} {row['p50_ms']:>8.1f} {batch}{extra}")
     return "\n".join(lines)
 
 
@@ -397,8 +440,9 @@ def interleaved_rounds(servers: list[Server], bodies: list[dict[str, Any]], args
         for clients in (int(c) for c in args.clients.split(",")):
             for cell in measure_cell(servers, bodies, clients, rnd, args.duration, args.warmup, args.slices):
                 cells.append(cell)
+                batch = "" if cell.mean_batch is None else f" batch {cell.mean_batch:5.2f}"
                 print(f"round {rnd} clients {clients:>2} {cell.server:<24} {cell.rps:7.1f} req/s "
-                      f"p50 {cell.p50_ms:6.1f} ms", file=sys.stderr, flush=True)
+                      f"p50 {cell.p50_ms:6.1f} ms{batch}", file=sys.stderr, flush=True)
     return cells
 
 

@@ -9,7 +9,15 @@ import io
 import pytest
 from PIL import Image
 
-from eas_tools.bench.peers import Cell, decode_body, format_summary, request_bodies, summarise
+from eas_tools.bench.peers import (
+    Cell,
+    batch_totals,
+    decode_body,
+    format_summary,
+    request_bodies,
+    rows_per_call,
+    summarise,
+)
 
 
 def _cell(server: str, clients: int, rnd: int, requests: int, p50: float) -> Cell:
@@ -34,3 +42,19 @@ def test_requests_are_distinct_and_decode() -> None:
     image, question, max_new_tokens = decode_body(bodies[0])
     assert isinstance(image, Image.Image) and image.mode == "RGB" and max_new_tokens == 5
     assert Image.open(io.BytesIO(base64.b64decode(bodies[0]["image"]))).format == "PNG" and question
+
+
+def test_mean_batch_from_per_answer_reports_and_from_the_metrics() -> None:
+    # a call of 4 rows (4 answers reporting 4) and a call of 1: 5 rows in 2 calls
+    assert rows_per_call([4, 4, 4, 4, 1]) == pytest.approx(2.5)
+    assert rows_per_call([3, 3, 3]) == pytest.approx(3.0)
+    text = "\n".join([
+        "# TYPE eas_batch_size histogram",
+        'eas_batch_size_bucket{le="1.0",model="m",variant="eas"} 2.0',
+        'eas_batch_size_sum{model="m",variant="eas"} 30.0',
+        'eas_batch_size_count{model="m",variant="eas"} 4.0',
+        'eas_batch_size_sum{model="m",variant="baseline"} 6.0',
+        'eas_batch_size_count{model="m",variant="baseline"} 2.0',
+        'eas_batch_size_created{model="m",variant="eas"} 1.7e9',
+    ])
+    assert batch_totals(text) == (36.0, 6.0)
