@@ -35,6 +35,7 @@ from typing import Any
 from PIL import Image
 
 from eas.model.loading import LoadedModel
+from eas.model.prompting import find_marker
 from service.errors import DeadlineExceeded, QueueFull, ServiceError, ServiceUnavailable, ValidationFailed
 from service.validation.images import ImageLimits, ModelInputSize, decode_for_model, open_image
 
@@ -135,6 +136,7 @@ class Preprocessor:
                  max_prompt_tokens: int, deadline: float) -> Prepared:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before its image was decoded")
+        check_plain_question(model, question)
         t0 = time.perf_counter()
         header = open_image(data, limits)  # header only: the size tells what decoding will hold
         width, height = header.size
@@ -147,7 +149,11 @@ class Preprocessor:
         finally:
             self.budget.give(cost)
         t1 = time.perf_counter()
-        features = model.prepare_one(image, question)
+        try:
+            features = model.prepare_one(image, question)
+        except ValueError as exc:  # the processor refused this image and question: the client's input
+            raise ValidationFailed(f"the model's processor refused the request: {exc}", code="unprocessable_input",
+                                   param="question") from exc
         tokens = int(features["input_ids"].shape[1])
         limit = min(max_prompt_tokens, model.max_positions or max_prompt_tokens)
         if tokens > limit:
@@ -159,6 +165,18 @@ class Preprocessor:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._large.shutdown(wait=False, cancel_futures=True)
+
+
+def check_plain_question(model: LoadedModel, question: str) -> None:
+    """422 when the question holds one of the processor's reserved markers (its image placeholder, say): the
+    processor would take it for structure, and an extra image placeholder made 13 of the 14 served families
+    fail the request with a ValueError (a 500)."""
+    found = find_marker(model.processor, question)
+    if found is not None:
+        name, marker = found
+        raise ValidationFailed(f"the question contains {marker!r}, this model's {name.replace('_', ' ')}; a "
+                               "question is plain text and the image goes in its own field",
+                               code="reserved_marker", param="question")
 
 
 def _lower_priority(niceness: int = LARGE_NICENESS) -> None:

@@ -226,6 +226,8 @@ def _variant(spec: str, args: argparse.Namespace) -> tuple[str, argparse.Namespa
         env[SWITCH_INTERVAL] = extra.removeprefix("si=")
     elif extra == "inline":
         env[INLINE_PREPARE] = "1"
+    elif extra.startswith("env="):
+        env[extra.removeprefix("env=")] = "1"
     return name, args, spec, env
 
 

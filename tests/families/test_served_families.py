@@ -26,6 +26,7 @@ from PIL import Image
 from eas.manifest import write_manifest
 from eas.model.checkpoint import check_checkpoint
 from eas.model.loading import LoadedModel, load_model
+from eas.model.prompting import reserved_markers
 from eas.zoo.families import FAMILIES, build_family
 from model_store import ModelStore
 from tests.service.conftest import image_bytes, multipart, running_app
@@ -153,3 +154,29 @@ async def test_family_converts_over_admin_and_is_hot_activated(name: str, tmp_pa
         assert got == dict.fromkeys(got, _expected(converted, png)), name
         served = await client.post("/v1/answer", **multipart(png, QUESTION))
         assert (served.json()["variant"], served.json()["version"]) == ("eas", version)
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_a_question_holding_a_reserved_marker_is_refused_before_the_processor(name: str) -> None:
+    """Every family's processor names its markers (`*_token` attributes); each of them in a question is a 422
+    naming it, from the preprocessing step, before the processor runs. The image placeholder is always among
+    them, and the negative control shows why the check exists: the processor itself fails on it (ValueError,
+    a 500 before), except where it expands the text on its own terms (PaliGemma)."""
+    from service.errors import ValidationFailed
+    from service.preprocess import check_plain_question
+
+    model, processor = build_family(name, seed=1)
+    loaded = LoadedModel(model=model, processor=processor)
+    markers = reserved_markers(processor)
+    assert markers.get("image_token"), f"{name}: no image placeholder found among {sorted(markers)}"
+    for marker in markers.values():
+        with pytest.raises(ValidationFailed, match="plain text") as caught:
+            check_plain_question(loaded, f"what is {marker} in the picture?")
+        assert caught.value.code == "reserved_marker" and repr(marker) in str(caught.value)
+        # named by an attribute holding it (Gemma 3's image_token and boi_token are the same string)
+        assert any(other.replace("_", " ") in str(caught.value) for other, value in markers.items() if value == marker)
+    check_plain_question(loaded, QUESTION)  # an ordinary question passes
+    image = Image.open(io.BytesIO(image_bytes())).convert("RGB")
+    if name != "paligemma":
+        with pytest.raises(ValueError):
+            loaded.prepare_one(image, f"what is {markers['image_token']} here?")

@@ -140,3 +140,19 @@ async def test_large_image_decoded_off_the_loop(served, direct) -> None:
                                  data={"question": QUESTION})
     assert response.status_code == 200, response.text
     assert response.json()["answer"] == direct["eas"].answer([_pil(jpeg)], [QUESTION])[0]
+
+
+@pytest.mark.parametrize("question", ["what is <image> here?", "<image>", "two <image><image> markers"])
+async def test_a_question_holding_the_image_placeholder_is_refused(served, question: str) -> None:
+    """The processor counts `<image>` in the text against the images given: a question holding one was a
+    500 (ValueError in the processor). Now a 422 naming the marker, over both content types."""
+    _, client = served
+    b64 = base64.b64encode(image_bytes()).decode()
+    for response in (await client.post("/v1/answer", json={"image": b64, "question": question}),
+                     await client.post("/v1/answer", **multipart(image_bytes(), question))):
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "reserved_marker" and error["param"] == "question"
+        assert "'<image>'" in error["message"] and "image token" in error["message"]
+    fine = await client.post("/v1/answer", json={"image": b64, "question": "what is the image < here >?"})
+    assert fine.status_code == 200, fine.text

@@ -114,6 +114,7 @@ async def test_streaming_sse(served, direct) -> None:
     (lambda p: p.update(max_tokens=100_000), 422, "validation_error"),
     (lambda p: p.update(messages=[]), 422, "validation_error"),
     (lambda p: p["messages"][1]["content"][1].update(text="   "), 422, "validation_error"),
+    (lambda p: p["messages"][1]["content"][1].update(text="and <image>?"), 422, "reserved_marker"),
     (lambda p: p["messages"][1]["content"][0]["image_url"].update(detail="ultra"), 422, "validation_error"),
     (lambda p: p["messages"][1]["content"][0]["image_url"].update(url="data:image/png;base64,@@@"), 400,
      "bad_request"),
