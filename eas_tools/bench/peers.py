@@ -218,16 +218,18 @@ def start_server(name: str, args: argparse.Namespace, label: str | None = None,
 
 
 def _variant(spec: str, args: argparse.Namespace) -> tuple[str, argparse.Namespace, str, dict[str, str]]:
-    """`eas-serve@si=0.5`: eas-serve with the interpreter's GIL switch interval at 0.5 ms (an experiment
-    knob; the label keeps the spec so both can run side by side)."""
+    """`eas-serve@si=0.5`: eas-serve with the interpreter's GIL switch interval at 0.5 ms; `eas-serve@inline`;
+    `eas-serve@env=EAS_X=v`: with that environment variable (experiment knobs; the label keeps the spec so
+    several can run side by side)."""
     name, _, extra = spec.partition("@")
     env = thread_env(args.threads)
     if extra.startswith("si="):
         env[SWITCH_INTERVAL] = extra.removeprefix("si=")
     elif extra == "inline":
         env[INLINE_PREPARE] = "1"
-    elif extra.startswith("env="):
-        env[extra.removeprefix("env=")] = "1"
+    elif extra.startswith("env="):  # eas-serve@env=NAME=VALUE (VALUE defaults to 1): any setting, A/B
+        key, _, value = extra.removeprefix("env=").partition("=")
+        env[key] = value or "1"
     return name, args, spec, env
 
 
