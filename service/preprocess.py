@@ -154,6 +154,7 @@ class Preprocessor:
         except ValueError as exc:  # the processor refused this image and question: the client's input
             raise ValidationFailed(f"the model's processor refused the request: {exc}", code="unprocessable_input",
                                    param="question") from exc
+        check_embeddable(model, features)
         tokens = int(features["input_ids"].shape[1])
         limit = min(max_prompt_tokens, model.max_positions or max_prompt_tokens)
         if tokens > limit:
@@ -168,15 +169,26 @@ class Preprocessor:
 
 
 def check_plain_question(model: LoadedModel, question: str) -> None:
-    """422 when the question holds one of the processor's reserved markers (its image placeholder, say): the
-    processor would take it for structure, and an extra image placeholder made 13 of the 14 served families
-    fail the request with a ValueError (a 500)."""
+    """422 when the question holds one of the processor's reserved markers (its image placeholder, say) or a
+    special token of its tokenizer: the processor or the model would take it for structure. An extra image
+    placeholder made 13 of the 14 served families fail the request (a ValueError, a 500); Gemma 3's image
+    soft token in a question failed the whole batch it ran in."""
     found = find_marker(model.processor, question)
     if found is not None:
-        name, marker = found
-        raise ValidationFailed(f"the question contains {marker!r}, this model's {name.replace('_', ' ')}; a "
-                               "question is plain text and the image goes in its own field",
-                               code="reserved_marker", param="question")
+        what, marker = found
+        raise ValidationFailed(f"the question contains {marker!r}, {what}; a question is plain text and the "
+                               "image goes in its own field", code="reserved_marker", param="question")
+
+
+def check_embeddable(model: LoadedModel, features: Any) -> None:
+    """422 when the prompt holds a token id past the model's embedding table: a tokenizer with added tokens
+    the checkpoint never embedded (an IndexError in the middle of the batch, failing every row in it)."""
+    embeddings = model.model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    ids = features["input_ids"]
+    if rows is not None and ids.numel() and int(ids.max()) >= rows:
+        raise ValidationFailed(f"the question has a token (id {int(ids.max())}) outside this model's "
+                               f"vocabulary of {rows} embeddings", code="unknown_token", param="question")
 
 
 def _lower_priority(niceness: int = LARGE_NICENESS) -> None:

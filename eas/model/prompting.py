@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+import weakref
+from typing import Any
+
 from transformers import ProcessorMixin
 
 
@@ -23,6 +28,39 @@ def reserved_markers(processor: ProcessorMixin) -> dict[str, str]:
             if name.endswith("_token") and isinstance(value, str) and value}
 
 
+def special_tokens(processor: ProcessorMixin) -> list[str]:
+    """The tokenizer's special tokens (BOS, EOS, padding, and the added ones marked special: image soft
+    tokens, vision start/end, chat-turn markers): strings the tokenizer maps to control ids, not text."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    found = set(getattr(tokenizer, "all_special_tokens", []))
+    found.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    return sorted(t for t in found if t)
+
+
 def find_marker(processor: ProcessorMixin, text: str) -> tuple[str, str] | None:
-    """(attribute name, marker) of the first reserved marker in `text`, or None."""
-    return next(((name, marker) for name, marker in reserved_markers(processor).items() if marker in text), None)
+    """(what it is, marker) of the first reserved string in `text`: one of the processor's markers
+    (`reserved_markers`, named by its attribute) or one of the tokenizer's special tokens; None when the
+    text is plain."""
+    names, pattern = _reserved(processor)
+    match = pattern.search(text) if pattern is not None else None
+    return None if match is None else (names[match.group(0)], match.group(0))
+
+
+_RESERVED: weakref.WeakKeyDictionary[Any, tuple[dict[str, str], re.Pattern[str] | None]] = weakref.WeakKeyDictionary()
+
+
+def _reserved(processor: ProcessorMixin) -> tuple[dict[str, str], re.Pattern[str] | None]:
+    """Every reserved string with what it is, and one pattern that finds any of them (longest first), built
+    once per processor: a request is checked in one pass, whatever the number of special tokens."""
+    try:
+        return _RESERVED[processor]
+    except (KeyError, TypeError):
+        pass
+    names = {token: "a special token of this model's tokenizer" for token in special_tokens(processor)}
+    names.update({marker: f"this model's {name.replace('_', ' ')}" for name, marker in
+                  reserved_markers(processor).items()})
+    alternatives = sorted(names, key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+    with contextlib.suppress(TypeError):  # a processor that takes no weak reference is rebuilt each time
+        _RESERVED[processor] = (names, pattern)
+    return names, pattern

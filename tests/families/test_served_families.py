@@ -26,7 +26,7 @@ from PIL import Image
 from eas.manifest import write_manifest
 from eas.model.checkpoint import check_checkpoint
 from eas.model.loading import LoadedModel, load_model
-from eas.model.prompting import reserved_markers
+from eas.model.prompting import reserved_markers, special_tokens
 from eas.zoo.families import FAMILIES, build_family
 from model_store import ModelStore
 from tests.service.conftest import image_bytes, multipart, running_app
@@ -175,8 +175,44 @@ def test_a_question_holding_a_reserved_marker_is_refused_before_the_processor(na
         assert caught.value.code == "reserved_marker" and repr(marker) in str(caught.value)
         # named by an attribute holding it (Gemma 3's image_token and boi_token are the same string)
         assert any(other.replace("_", " ") in str(caught.value) for other, value in markers.items() if value == marker)
+    for token in special_tokens(processor):  # the tokenizer's control strings (BOS, image soft tokens, ...)
+        with pytest.raises(ValidationFailed, match="plain text") as caught:
+            check_plain_question(loaded, f"is {token} it?")
+        assert caught.value.code == "reserved_marker" and repr(token) in str(caught.value)
     check_plain_question(loaded, QUESTION)  # an ordinary question passes
+    check_plain_question(loaded, "is it < 5 or > 3, [INST] or <b>bold</b>?")  # look-alikes are text here
     image = Image.open(io.BytesIO(image_bytes())).convert("RGB")
     if name != "paligemma":
         with pytest.raises(ValueError):
             loaded.prepare_one(image, f"what is {markers['image_token']} here?")
+
+
+def test_a_special_token_in_a_question_failed_the_whole_batch() -> None:
+    """Negative control for the special tokens: Gemma 3's image soft token in a question passes its processor
+    and then fails the model's forward (which would fail every request batched with it)."""
+    model, processor = build_family("gemma3", seed=1)
+    loaded = LoadedModel(model=model, processor=processor)
+    image = Image.open(io.BytesIO(image_bytes())).convert("RGB")
+    batch = loaded.collate([loaded.prepare_one(image, "what is <image_soft_token> here?")])
+    with pytest.raises(ValueError, match="image tokens do not match"):
+        loaded.generate_ids(batch, 2)
+
+
+def test_a_token_past_the_embedding_table_is_refused() -> None:
+    """The zoo's PaliGemma tokenizer knows 1,523 tokens and its model embeds 512: `<loc0141>` (plain text to
+    the marker check) is an IndexError in the embedding, failing its batch; the preprocessing refuses it."""
+    from service.errors import ValidationFailed
+    from service.preprocess import check_embeddable, check_plain_question
+
+    model, processor = build_family("paligemma", seed=1)
+    loaded = LoadedModel(model=model, processor=processor)
+    image = Image.open(io.BytesIO(image_bytes())).convert("RGB")
+    question = "where is <loc0141> the circle?"
+    check_plain_question(loaded, question)  # not a special token: the embedding check is what catches it
+    features = loaded.prepare_one(image, question)
+    with pytest.raises(IndexError):
+        loaded.generate_ids(loaded.collate([features]), 2)
+    with pytest.raises(ValidationFailed, match="outside this model's vocabulary of 512") as caught:
+        check_embeddable(loaded, features)
+    assert caught.value.code == "unknown_token"
+    check_embeddable(loaded, loaded.prepare_one(image, QUESTION))
