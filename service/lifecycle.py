@@ -26,7 +26,7 @@ from service.batching.batcher import Batcher
 from service.errors import QueueFull, ServiceError, ServiceUnavailable
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
-from service.runner.process import ProcessRunner
+from service.runner.process import ModelProcessGone, ProcessRunner
 from service.runner.registry import RunnerRegistry, ServedVariant
 from service.runner.resolve import resolve_variants
 from service.runner.runner import ModelRunner, VariantInfo
@@ -47,6 +47,12 @@ class Phase(enum.StrEnum):
     DRAINING = "draining"
     STOPPED = "stopped"
     FAILED = "failed"
+
+
+def _isolate_failure(exc: Exception) -> bool:
+    """Is a failed batch worth running again one request at a time? Yes, unless the model process is gone
+    (died, hung and killed): a retry would only restart it once per request."""
+    return not isinstance(exc, ModelProcessGone)
 
 
 def default_loader(info: VariantInfo, settings: Settings) -> LoadedModel:
@@ -213,6 +219,7 @@ class Service:
             on_batch=m.batch_observer(info.model, info.variant),
             on_depth=depth.set,
             max_batch_tokens=s.max_batch_tokens,
+            isolate_failures=_isolate_failure,
         )
         return ServedVariant(info=info, runner=runner, batcher=batcher)
 

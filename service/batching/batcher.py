@@ -89,8 +89,13 @@ class Batcher:
         on_batch: BatchObserver | None = None,
         on_depth: Callable[[int], None] | None = None,
         max_batch_tokens: int | None = None,
+        isolate_failures: Callable[[Exception], bool] | None = None,
     ) -> None:
         self.name = name
+        # After a batch of several rows fails with an exception this accepts, each row runs once alone: a
+        # request the model cannot run fails by itself instead of failing every request batched with it.
+        # (The lifecycle leaves out failures that are the model process's, where a retry restarts it.)
+        self._isolate = isolate_failures
         self.max_batch_tokens = max_batch_tokens  # padded-token budget of a batch (None: no budget)
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -251,26 +256,55 @@ class Batcher:
 
     def _execute(self, batch: list[WorkItem]) -> None:
         try:
-            generations = self._run_batch(batch)
-            if len(generations) != len(batch):
-                raise RuntimeError(f"runner returned {len(generations)} results for {len(batch)} requests")
-        except Exception:
-            ids = [item.request_id for item in batch]
-            log.exception("batcher %s: batch of %d failed (request ids %s)", self.name, len(batch), ids)
-            for item in batch:
-                item.fail(InferenceFailed("inference failed; see the server log for this request id"))
-        else:
-            if self._on_batch is not None:
-                try:  # a metrics problem must never fail requests whose answers exist
-                    self._on_batch(batch, generations)
-                except Exception:
-                    log.exception("batcher %s: batch observer failed", self.name)
-            for item, generation in zip(batch, generations, strict=True):
-                assert item.started_at is not None
-                item.resolve(Completed(generation, queue_s=item.started_at - item.enqueued_at))
+            try:
+                generations = self._run_checked(batch)
+            except Exception as exc:
+                ids = [item.request_id for item in batch]
+                if len(batch) > 1 and self._isolate is not None and self._isolate(exc):
+                    log.warning("batcher %s: batch of %d failed (%s: %s); running its requests one by one "
+                                "(request ids %s)", self.name, len(batch), type(exc).__name__, exc, ids)
+                    for item in batch:
+                        self._run_alone(item)
+                    return
+                log.exception("batcher %s: batch of %d failed (request ids %s)", self.name, len(batch), ids)
+                for item in batch:
+                    item.fail(InferenceFailed("inference failed; see the server log for this request id"))
+            else:
+                self._finish(batch, generations)
         finally:
             with self._cond:
                 self._running = []
+
+    def _run_checked(self, batch: list[WorkItem]) -> list[Generation]:
+        generations = self._run_batch(batch)
+        if len(generations) != len(batch):
+            raise RuntimeError(f"runner returned {len(generations)} results for {len(batch)} requests")
+        return generations
+
+    def _run_alone(self, item: WorkItem) -> None:
+        if item.cancelled.is_set():  # its client left or its deadline passed while the batch ran
+            item.fail(DeadlineExceeded("the request's deadline passed while it was running"))
+            return
+        if item.deadline <= time.monotonic():
+            item.fail(DeadlineExceeded("the request's deadline passed while it was running"))
+            return
+        try:
+            generations = self._run_checked([item])
+        except Exception:
+            log.exception("batcher %s: request %s failed on its own", self.name, item.request_id)
+            item.fail(InferenceFailed("inference failed; see the server log for this request id"))
+        else:
+            self._finish([item], generations)
+
+    def _finish(self, batch: list[WorkItem], generations: list[Generation]) -> None:
+        if self._on_batch is not None:
+            try:  # a metrics problem must never fail requests whose answers exist
+                self._on_batch(batch, generations)
+            except Exception:
+                log.exception("batcher %s: batch observer failed", self.name)
+        for item, generation in zip(batch, generations, strict=True):
+            assert item.started_at is not None
+            item.resolve(Completed(generation, queue_s=item.started_at - item.enqueued_at))
 
     def _report_depth(self, depth: int) -> None:
         if self._on_depth is not None:

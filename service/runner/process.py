@@ -75,6 +75,11 @@ class ModelProcessError(RuntimeError):
     """The model process failed a batch, or is gone."""
 
 
+class ModelProcessGone(ModelProcessError):
+    """The model process is not there to run batches: it did not start, was stopped, died or was killed
+    (not a batch that raised, which it reports and survives)."""
+
+
 # --- the wire format -----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -286,18 +291,18 @@ class ProcessRunner(ModelRunner):
         assert process is not None and conn is not None
         try:
             if not conn.poll(START_TIMEOUT_S):
-                raise ModelProcessError(f"the model process did not start within {START_TIMEOUT_S:.0f}s")
+                raise ModelProcessGone(f"the model process did not start within {START_TIMEOUT_S:.0f}s")
             message = _recv(conn)
         except (EOFError, OSError):
             code = process.poll()
             self._kill()
-            raise ModelProcessError(f"the model process exited while loading (exit code {code})") from None
+            raise ModelProcessGone(f"the model process exited while loading (exit code {code})") from None
         except BaseException:
             self._kill()
             raise
         if message[0] != "ready":
             self._kill()
-            raise ModelProcessError(f"the model process failed to load:\n{message[1]}")
+            raise ModelProcessGone(f"the model process failed to load:\n{message[1]}")
         self._ready = True
         log.info("variant %s: model process %d ready in %.2fs", self.info.variant, process.pid,
                  time.perf_counter() - self._started_at)
@@ -305,7 +310,7 @@ class ProcessRunner(ModelRunner):
     def run_batch(self, items: list[Any]) -> list[Generation]:
         with self._lock:
             if self._closed:
-                raise ModelProcessError("the model process was stopped")
+                raise ModelProcessGone("the model process was stopped")
             if self._process is None or self._process.poll() is not None:
                 self.restarts += 1
                 log.warning("variant %s: starting a new model process (restart %d)", self.info.variant,
@@ -340,7 +345,7 @@ class ProcessRunner(ModelRunner):
                         raise EOFError
                     if time.monotonic() > stuck_at:
                         self._kill()
-                        raise ModelProcessError(f"the model process ran a batch {STUCK_GRACE_S:g}s past its "
+                        raise ModelProcessGone(f"the model process ran a batch {STUCK_GRACE_S:g}s past its "
                                                 "last deadline and was killed; the next batch starts a new one")
                     continue
                 message = _recv(conn)
@@ -358,7 +363,7 @@ class ProcessRunner(ModelRunner):
         except (EOFError, OSError):
             code = self._process.poll() if self._process is not None else None
             self._kill()
-            raise ModelProcessError(f"the model process exited during a batch (exit code {code}); "
+            raise ModelProcessGone(f"the model process exited during a batch (exit code {code}); "
                                     "the next batch starts a new one") from None
 
     def warm_up(self, max_new_tokens: int) -> Generation:

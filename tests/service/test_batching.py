@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from eas.model.loading import load_model
-from service.batching.batcher import Batcher
+from service.batching.batcher import Batcher, InferenceFailed
 from service.batching.work import Generation, WorkItem
 from service.errors import DeadlineExceeded, QueueFull, ServiceUnavailable
 from tests.service.conftest import (
@@ -159,6 +159,59 @@ async def test_withdraw_and_fail_all_and_stop() -> None:
     batcher.stop()
     await asyncio.to_thread(batcher.join, 5)
     assert runner.batches == [["first"]]
+
+
+class PoisonRunner(FakeRunner):
+    """Fails any batch holding the question "poison" (as a model fails on a row it cannot run)."""
+
+    def __init__(self, error: type[Exception] = ValueError) -> None:
+        super().__init__()
+        self.error = error
+
+    def __call__(self, items: list[WorkItem]) -> list[Generation]:
+        if any(i.question == "poison" for i in items):
+            self.batches.append([i.question for i in items])
+            raise self.error("this row cannot run")
+        return super().__call__(items)
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+async def test_one_bad_request_fails_alone(isolate: bool) -> None:
+    """A batch that fails is run again one request at a time, so only the request that cannot run fails;
+    without isolation (the negative control) every request batched with it fails too."""
+    runner = PoisonRunner()
+    batcher = Batcher(runner, name="test", queue_full=lambda: QueueFull("full"), max_batch_size=4,
+                      max_batch_wait_s=0.05, max_queue_size=8,
+                      isolate_failures=(lambda exc: isinstance(exc, ValueError)) if isolate else None)
+    items = [submit(batcher, q) for q in ("a", "poison", "b")]
+    batcher.start()
+    results = await asyncio.wait_for(asyncio.gather(*(i.future for i in items), return_exceptions=True), 10)
+    assert isinstance(results[1], InferenceFailed)
+    if isolate:
+        assert [r.generation.text for r in (results[0], results[2])] == ["A", "B"]
+        assert runner.batches == [["a", "poison", "b"], ["a"], ["poison"], ["b"]]
+    else:
+        assert all(isinstance(r, InferenceFailed) for r in results)
+        assert runner.batches == [["a", "poison", "b"]]
+    batcher.stop()
+
+
+async def test_a_failure_the_predicate_refuses_is_not_retried() -> None:
+    """The model process gone (service/lifecycle.py's predicate) fails the batch as it is: a retry per
+    request would only restart it again and again."""
+    from service.lifecycle import _isolate_failure
+    from service.runner.process import ModelProcessError, ModelProcessGone
+
+    assert _isolate_failure(ValueError("x")) and _isolate_failure(ModelProcessError("the batch raised"))
+    assert not _isolate_failure(ModelProcessGone("exited"))
+    runner = PoisonRunner(ModelProcessGone)
+    batcher = Batcher(runner, name="test", queue_full=lambda: QueueFull("full"), max_batch_size=4,
+                      max_batch_wait_s=0.05, max_queue_size=8, isolate_failures=_isolate_failure)
+    items = [submit(batcher, q) for q in ("a", "poison")]
+    batcher.start()
+    results = await asyncio.wait_for(asyncio.gather(*(i.future for i in items), return_exceptions=True), 10)
+    assert all(isinstance(r, InferenceFailed) for r in results) and runner.batches == [["a", "poison"]]
+    batcher.stop()
 
 
 QUESTIONS = ["what colour is the circle?", "is there a red shape?", "what shape is it?",
