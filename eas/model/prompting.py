@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import weakref
 from typing import Any
 
@@ -38,29 +37,35 @@ def special_tokens(processor: ProcessorMixin) -> list[str]:
 
 
 def find_marker(processor: ProcessorMixin, text: str) -> tuple[str, str] | None:
-    """(what it is, marker) of the first reserved string in `text`: one of the processor's markers
-    (`reserved_markers`, named by its attribute) or one of the tokenizer's special tokens; None when the
-    text is plain."""
-    names, pattern = _reserved(processor)
-    match = pattern.search(text) if pattern is not None else None
-    return None if match is None else (names[match.group(0)], match.group(0))
+    """(what it is, marker) of the first reserved string in `text`, or None when the text is plain: one of
+    the processor's markers (`reserved_markers`, which the processor finds by substring), else a special
+    token the tokenizer would make of the text (matched by the tokenizer itself, in one linear pass: a pattern
+    of thousands of alternatives, as some tokenizers have, costs milliseconds on text like '<<<<...')."""
+    for name, marker in reserved_markers(processor).items():
+        if marker in text:
+            return f"this model's {name.replace('_', ' ')}", marker
+    tokenizer = getattr(processor, "tokenizer", processor)
+    special = _special_ids(tokenizer)
+    if not special or not callable(tokenizer):
+        return None
+    for token_id in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return "a special token of this model's tokenizer", tokenizer.convert_ids_to_tokens(token_id)
+    return None
 
 
-_RESERVED: weakref.WeakKeyDictionary[Any, tuple[dict[str, str], re.Pattern[str] | None]] = weakref.WeakKeyDictionary()
+_SPECIAL_IDS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
 
 
-def _reserved(processor: ProcessorMixin) -> tuple[dict[str, str], re.Pattern[str] | None]:
-    """Every reserved string with what it is, and one pattern that finds any of them (longest first), built
-    once per processor: a request is checked in one pass, whatever the number of special tokens."""
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids of the tokenizer's special tokens (`special_tokens`), computed once per tokenizer."""
     try:
-        return _RESERVED[processor]
+        return _SPECIAL_IDS[tokenizer]
     except (KeyError, TypeError):
         pass
-    names = {token: "a special token of this model's tokenizer" for token in special_tokens(processor)}
-    names.update({marker: f"this model's {name.replace('_', ' ')}" for name, marker in
-                  reserved_markers(processor).items()})
-    alternatives = sorted(names, key=len, reverse=True)
-    pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
-    with contextlib.suppress(TypeError):  # a processor that takes no weak reference is rebuilt each time
-        _RESERVED[processor] = (names, pattern)
-    return names, pattern
+    ids = set(getattr(tokenizer, "all_special_ids", []))
+    ids.update(i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special)
+    found = frozenset(ids)
+    with contextlib.suppress(TypeError):  # a tokenizer that takes no weak reference is read each time
+        _SPECIAL_IDS[tokenizer] = found
+    return found
