@@ -31,9 +31,7 @@ def special_tokens(processor: ProcessorMixin) -> list[str]:
     """The tokenizer's special tokens (BOS, EOS, padding, and the added ones marked special: image soft
     tokens, vision start/end, chat-turn markers): strings the tokenizer maps to control ids, not text."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    found = set(getattr(tokenizer, "all_special_tokens", []))
-    found.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
-    return sorted(t for t in found if t)
+    return sorted(t for t in tokenizer.convert_ids_to_tokens(sorted(_special_ids(tokenizer))) if t)
 
 
 def find_marker(processor: ProcessorMixin, text: str) -> tuple[str, str] | None:

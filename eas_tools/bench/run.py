@@ -424,14 +424,13 @@ def run_sweep(options: BenchOptions, baseline: RawRunner, main_eas: RawRunner, w
                                                                               "decode_per_token_s")}
                for v in VARIANTS}
         prompt, new = samples["eas"][0].prompt_tokens, samples["eas"][0].new_tokens
-        base_flops = flops_for(baseline.loaded, prompt, new)
-        eas_flops = flops_for(runner.loaded, prompt, new)
+        ratios = flop_ratios(flops_for(baseline.loaded, prompt, new), flops_for(runner.loaded, prompt, new))
         points.append(SweepPoint(
             skip_fraction=len(plan.skipped) / num_layers, requested_fraction=fraction,
             skipped=list(plan.skipped), baseline_median_s=med["baseline"], eas_median_s=med["eas"],
             speedup={k: _ratio(med["baseline"][k], med["eas"][k]) for k in med["eas"]},
-            flop_ratio=flop_ratios(base_flops, eas_flops)["total"],
-            prefill_flop_ratio=flop_ratios(base_flops, eas_flops)["prefill"],
+            flop_ratio=ratios["total"],
+            prefill_flop_ratio=ratios["prefill"],
             decode_bytes_ratio=bytes_ratio(decode_bytes_for(baseline.loaded, prompt, new),
                                            decode_bytes_for(runner.loaded, prompt, new)),
         ))
