@@ -282,10 +282,7 @@ class Batcher:
         return generations
 
     def _run_alone(self, item: WorkItem) -> None:
-        if item.cancelled.is_set():  # its client left or its deadline passed while the batch ran
-            item.fail(DeadlineExceeded("the request's deadline passed while it was running"))
-            return
-        if item.deadline <= time.monotonic():
+        if item.cancelled.is_set() or item.deadline <= time.monotonic():  # nobody waits for it any more
             item.fail(DeadlineExceeded("the request's deadline passed while it was running"))
             return
         try:
