@@ -39,10 +39,20 @@ ADMIN = {"Authorization": "Bearer cluster-admin-token"}
 QUESTION = "what colour is the circle?"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port not handed out before in this run: the kernel may offer a just-released port again, and
+    two servers started seconds apart then raced for one port (B bound it, A failed to, and A's requests
+    reached B)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _wait(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
@@ -84,8 +94,8 @@ def _start_server(name: str, tmp_path: Path, env: dict[str, str]) -> Server:
 
 
 def _ready(server: Server) -> bool:
-    if server.process.poll() is not None:
-        raise AssertionError(f"server {server.name} exited: {server.log.read_text()[-3000:]}")
+    if server.process.poll() is not None or "address already in use" in server.log.read_text():
+        raise AssertionError(f"server {server.name} exited or could not bind: {server.log.read_text()[-3000:]}")
     try:
         return httpx.get(f"{server.url}/health/ready", timeout=2, trust_env=False).status_code == 200
     except httpx.HTTPError:
