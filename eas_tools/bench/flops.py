@@ -36,6 +36,14 @@ class UnsupportedConfig(ValueError):
     """The FLOP counter knows LLaVA-style configs (CLIP vision tower, Llama-style decoder) only."""
 
 
+def attention_dims(text: PretrainedConfig) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of a decoder config (grouped KV heads and an explicit head_dim
+    when it sets them)."""
+    heads = text.num_attention_heads
+    return heads, getattr(text, "num_key_value_heads", None) or heads, \
+        getattr(text, "head_dim", None) or text.hidden_size // heads
+
+
 @dataclass(frozen=True)
 class Shape:
     """The sizes the count needs, read from a config."""
@@ -68,7 +76,7 @@ class Shape:
         strategy = getattr(config, "vision_feature_select_strategy", "default")
         feature_layers = getattr(config, "vision_feature_layer", -1)
         n_feature_layers = len(feature_layers) if isinstance(feature_layers, list | tuple) else 1
-        heads = text.num_attention_heads
+        heads, kv_heads, head_dim = attention_dims(text)
         return cls(
             image_size=vision.image_size, patch_size=vision.patch_size,
             channels=getattr(vision, "num_channels", 3), vision_hidden=vision.hidden_size,
@@ -76,8 +84,7 @@ class Shape:
             image_tokens=patches if strategy == "default" else patches + 1,
             projector_in=vision.hidden_size * n_feature_layers,
             hidden=text.hidden_size, intermediate=text.intermediate_size, layers=text.num_hidden_layers,
-            heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
+            heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=text.vocab_size,
         )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
@@ -36,10 +36,13 @@ class MemoryResult:
         return asdict(self)
 
 
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def weight_bytes(loaded: LoadedModel) -> int:
     model = loaded.model
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return tensor_bytes([*model.parameters(), *model.buffers()])
 
 
 def peak_growth(fn: Callable[[], T], device: torch.device) -> tuple[T, int | None, str]:

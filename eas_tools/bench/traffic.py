@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from eas.model.arch import locate_decoder
+from eas_tools.bench.flops import attention_dims
+from eas_tools.bench.memory import tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -43,16 +45,12 @@ class DecodeBytes:
         return {**asdict(self), "per_step": self.per_step}
 
 
-def _bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
 def _per_token_bytes(layer: nn.Module) -> int:
     """A decoder layer's parameters less those a module declares it runs once per sample (`eas_per_sample`:
     a folded skipped layer's PIA down-projection, used only to compute its biases at prefill)."""
     once = {id(p) for module in layer.modules() for name in getattr(module, "eas_per_sample", ())
             for p in getattr(module, name).parameters()}
-    return sum(p.numel() * p.element_size() for p in layer.parameters() if id(p) not in once)
+    return tensor_bytes(p for p in layer.parameters() if id(p) not in once)
 
 
 def decode_weight_bytes(model: nn.Module) -> int:
@@ -61,12 +59,12 @@ def decode_weight_bytes(model: nn.Module) -> int:
     total = sum(_per_token_bytes(layer) for layer in decoder.layers)
     norm = getattr(decoder.module, "norm", None)
     if isinstance(norm, nn.Module):
-        total += _bytes(norm)
+        total += tensor_bytes(norm.parameters())
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     weight = embed.weight
     if head is not None:
-        total += _bytes(head)
+        total += tensor_bytes(head.parameters())
         if head.weight is weight:  # tied: the head's full read already covers the embedding row
             return total
     return total + weight.shape[-1] * weight.element_size()
@@ -77,9 +75,7 @@ def count_decode_bytes(model: nn.Module, prompt_tokens: int, new_tokens: int,
     """Mean bytes read per decode step of a request with `prompt_tokens` and `new_tokens` (the first token
     comes from the prefill; steps 1..n-1 decode)."""
     text = model.config.get_text_config(decoder=True)
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    _, kv_heads, head_dim = attention_dims(text)
     attention_layers = text.num_hidden_layers - len(set(skipped))
     element = next(model.parameters()).element_size()  # the cache is kept in the model's dtype
     steps = max(0, new_tokens - 1)
