@@ -72,13 +72,14 @@ async def infer(
     admission = served.batcher.admit()  # 429 here, before any image decoding
     try:
         metrics.image_bytes.labels(**labels).observe(len(image_bytes))
-        # Decode, checks and the processor run in the bounded preprocessing pool (service/preprocess.py):
-        # nothing request-sized on the event loop, only the model on the batch worker.
+        # Decode, checks and the processor run in the bounded preprocessing pool (service/preprocess.py), or
+        # for a small image on an idle server right here; only the model on the batch worker.
         service = request.app.state.service
         try:
             prepared = await service.preprocessor.prepare(
                 served.runner.model, image_bytes, question, limits=limits,
-                max_prompt_tokens=service.settings.max_prompt_tokens, deadline=deadline)
+                max_prompt_tokens=service.settings.max_prompt_tokens, deadline=deadline,
+                alone=served.batcher.alone())
         except DeadlineExceeded:
             raise _starved(request) from None  # admitted, then waited out its deadline before decoding
         decode_s = prepared.decode_s + prepared.processor_s

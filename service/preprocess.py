@@ -28,6 +28,7 @@ import ctypes.util
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ from eas.model.loading import LoadedModel
 from eas.model.prompting import find_marker
 from service.errors import DeadlineExceeded, QueueFull, ServiceError, ServiceUnavailable, ValidationFailed
 from service.validation.images import ImageLimits, ModelInputSize, decode_for_model, open_image
+from service.validation.payloads import OFFLOAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -76,24 +78,49 @@ class DecodeBudget:
 LARGE_PIXELS = 1024 * 1024
 LARGE_WAITING = 4
 LARGE_NICENESS = 19
+# A request this small (encoded bytes, and pixels by its header) is prepared on the event loop itself when the
+# server is idle: nothing else of its variant admitted, queued or running, nothing in the pool. Then it goes
+# straight to the model, nobody waits behind it on the loop, and the pool's round trip (a thread's wake-up
+# there, the loop's wake-up back) is pure latency: ~1.5 ms of wall time and ~0.7 ms of CPU per request at one
+# client (docs/serving.md, "Peers"). With any other request in flight the pool keeps the loop free.
+INLINE_BYTES = OFFLOAD_BYTES
+INLINE_PIXELS = 512 * 512
 
 
 class Preprocessor:
     def __init__(self, threads: int, max_decode_bytes: int, retry_after_s: int, *, refusal_status: int = 429,
-                 large_pixels: int = LARGE_PIXELS, large_waiting: int = LARGE_WAITING) -> None:
+                 large_pixels: int = LARGE_PIXELS, large_waiting: int = LARGE_WAITING,
+                 inline_when_idle: bool = True) -> None:
         self.refusal_status = refusal_status  # as for a full queue (Settings.queue_full_status)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
         self._large = ThreadPoolExecutor(1, thread_name_prefix="preprocess-large", initializer=_lower_priority)
         self.large_pixels = large_pixels
         self.large_waiting = large_waiting
         self._large_count = 0  # large images waiting or decoding; only touched on the event loop
+        self.inline_when_idle = inline_when_idle
+        self._pooled = 0  # requests in the pool (either lane) right now; only touched on the event loop
+        self.inlined = 0  # requests prepared on the event loop (a count for tests and benchmarks)
         self.budget = DecodeBudget(max_decode_bytes)
         self.retry_after_s = retry_after_s
 
     async def prepare(self, model: LoadedModel, data: bytes, question: str, *, limits: ImageLimits,
-                      max_prompt_tokens: int, deadline: float) -> Prepared:
-        loop = asyncio.get_running_loop()
+                      max_prompt_tokens: int, deadline: float, alone: bool = False) -> Prepared:
+        """`alone`: the request's variant has nothing else admitted, queued or running. With nothing in the
+        pool either, a small image is prepared right here on the event loop (INLINE_BYTES)."""
         args = (model, data, question, limits, max_prompt_tokens, deadline)
+        if alone and self.inline_when_idle and self._pooled == 0 and len(data) <= INLINE_BYTES:
+            header = open_image(data, limits)  # a small input's header: microseconds
+            if header.size[0] * header.size[1] <= INLINE_PIXELS:
+                self.inlined += 1
+                return self._prepare(*args, header=header)
+        self._pooled += 1
+        try:
+            return await self._prepare_in_pool(*args)
+        finally:
+            self._pooled -= 1
+
+    async def _prepare_in_pool(self, *args: Any) -> Prepared:
+        loop = asyncio.get_running_loop()
         # One trip to the pool for an ordinary image: the header (a PNG's chunk walk is bounded, not free)
         # picks the lane there, and a small image is prepared on the spot. A large one comes back (None)
         # and goes to its own lane.
@@ -110,10 +137,10 @@ class Preprocessor:
 
     def _prepare_unless_large(self, model: LoadedModel, data: bytes, question: str, limits: ImageLimits,
                               max_prompt_tokens: int, deadline: float) -> Prepared | None:
-        width, height = _header_size(data, limits)
-        if width * height > self.large_pixels:
+        header = open_image(data, limits)
+        if header.size[0] * header.size[1] > self.large_pixels:
             return None
-        return self._prepare(model, data, question, limits, max_prompt_tokens, deadline)
+        return self._prepare(model, data, question, limits, max_prompt_tokens, deadline, header=header)
 
     def _prepare_large(self, *args: Any) -> Prepared:
         try:
@@ -133,12 +160,13 @@ class Preprocessor:
                      headers={"Retry-After": str(self.retry_after_s)})
 
     def _prepare(self, model: LoadedModel, data: bytes, question: str, limits: ImageLimits,
-                 max_prompt_tokens: int, deadline: float) -> Prepared:
+                 max_prompt_tokens: int, deadline: float, header: Image.Image | None = None) -> Prepared:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before its image was decoded")
         check_plain_question(model, question)
         t0 = time.perf_counter()
-        header = open_image(data, limits)  # header only: the size tells what decoding will hold
+        if header is None:
+            header = open_image(data, limits)  # header only: the size tells what decoding will hold
         width, height = header.size
         cost = width * height * max(len(header.getbands()), 3)
         if not self.budget.try_take(cost):
@@ -183,12 +211,24 @@ def check_plain_question(model: LoadedModel, question: str) -> None:
 def check_embeddable(model: LoadedModel, features: Any) -> None:
     """422 when the prompt holds a token id past the model's embedding table: a tokenizer with added tokens
     the checkpoint never embedded (an IndexError in the middle of the batch, failing every row in it)."""
-    embeddings = model.model.get_input_embeddings()
-    rows = getattr(embeddings, "num_embeddings", None)
+    rows = _embedding_rows(model.model)
     ids = features["input_ids"]
     if rows is not None and ids.numel() and int(ids.max()) >= rows:
         raise ValidationFailed(f"the question has a token (id {int(ids.max())}) outside this model's "
                                f"vocabulary of {rows} embeddings", code="unknown_token", param="question")
+
+
+_EMBEDDING_ROWS: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
+
+
+def _embedding_rows(module: Any) -> int | None:
+    """Rows of the model's input embedding table, looked up once per model (the lookup walks submodules)."""
+    try:
+        return _EMBEDDING_ROWS[module]
+    except KeyError:
+        rows = getattr(module.get_input_embeddings(), "num_embeddings", None)
+        _EMBEDDING_ROWS[module] = rows
+        return rows
 
 
 def _lower_priority(niceness: int = LARGE_NICENESS) -> None:
@@ -214,7 +254,3 @@ def _load_libc() -> Any:
 
 
 _LIBC = _load_libc()
-
-
-def _header_size(data: bytes, limits: ImageLimits) -> tuple[int, int]:
-    return open_image(data, limits).size

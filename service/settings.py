@@ -121,6 +121,11 @@ class Settings(BaseSettings):
                                  "with few or no others instead of padding many short ones.",
     )
     preprocess_threads: int = Field(2, ge=1, le=64, description="Threads that decode images and run the processor.")
+    prepare_inline_when_idle: bool = Field(
+        True, description="Prepare a small image (<= 256 KiB, <= 512x512 pixels) on the event loop when the "
+                          "server is idle (nothing else admitted, queued, running or in the pool): the pool's "
+                          "round trip is pure latency then.",
+    )
     max_decode_bytes: int = Field(
         512 * MiB, ge=MiB, description="Decoded-image memory that requests being preprocessed may hold at once; "
                                        "past it, 503 with Retry-After.",

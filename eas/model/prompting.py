@@ -46,7 +46,14 @@ def find_marker(processor: ProcessorMixin, text: str) -> tuple[str, str] | None:
     special = _special_ids(tokenizer)
     if not special or not callable(tokenizer):
         return None
-    for token_id in tokenizer(text, add_special_tokens=False)["input_ids"]:
+    # A fast tokenizer's own Rust tokenizer: what its __call__ runs, without ~50 µs of Python around it, as
+    # long as no truncation or padding is configured on it (__call__ would switch those off for the call).
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        ids = backend.encode(text, add_special_tokens=False).ids
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for token_id in ids:
         if token_id in special:
             return "a special token of this model's tokenizer", tokenizer.convert_ids_to_tokens(token_id)
     return None

@@ -55,7 +55,6 @@ COLOURS = [(200, 30, 30), (30, 160, 30), (30, 30, 200), (220, 200, 30), (120, 60
            (0, 150, 150), (230, 120, 20)]
 OLD_THREADS = "EAS_BENCH_SKIP_CPU_SETUP"  # the server skips service/cpu.py's set-up (the old behaviour)
 SWITCH_INTERVAL = "EAS_BENCH_SWITCH_INTERVAL_MS"  # eas-serve@si=<ms>: sys.setswitchinterval in that server
-INLINE_PREPARE = "EAS_BENCH_INLINE_PREPARE"  # eas-serve@inline: small images preprocessed on the event loop
 QUESTIONS = ["what colour is the shape?", "what shape is in the image?", "is there a circle?",
              "what is the colour of the shape?"]
 
@@ -94,8 +93,6 @@ def serve(name: str, port: int, model_dir: Path, *, max_batch: int, window_ms: f
 
 
 def _serve_eas(port: int, model_dir: Path, max_batch: int, window_ms: float, device: str = "cpu") -> None:
-    if os.environ.get(INLINE_PREPARE):
-        _prepare_inline()
     if os.environ.get(SWITCH_INTERVAL):
         sys.setswitchinterval(float(os.environ[SWITCH_INTERVAL]) / 1000.0)
     if not os.environ.get(OLD_THREADS):
@@ -116,24 +113,6 @@ def _serve_eas(port: int, model_dir: Path, max_batch: int, window_ms: float, dev
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
                             access_log=False)
     DrainingServer(config, app.state.service).run()
-
-
-def _prepare_inline() -> None:
-    """Experiment (`eas-serve@inline`): run the preprocessing of small images on the event loop instead of
-    two round trips through the preprocessing pool, to measure what those thread hand-offs cost."""
-    from service import preprocess
-
-    original = preprocess.Preprocessor.prepare
-
-    async def prepare(self: Any, model: Any, data: bytes, question: str, *, limits: Any, max_prompt_tokens: int,
-                      deadline: float) -> Any:
-        width, height = preprocess._header_size(data, limits)
-        if width * height <= self.large_pixels:
-            return self._prepare(model, data, question, limits, max_prompt_tokens, deadline)
-        return await original(self, model, data, question, limits=limits, max_prompt_tokens=max_prompt_tokens,
-                              deadline=deadline)
-
-    preprocess.Preprocessor.prepare = prepare  # type: ignore[method-assign]
 
 
 def decode_body(body: dict[str, Any]) -> tuple[Any, str, int]:
@@ -218,15 +197,13 @@ def start_server(name: str, args: argparse.Namespace, label: str | None = None,
 
 
 def _variant(spec: str, args: argparse.Namespace) -> tuple[str, argparse.Namespace, str, dict[str, str]]:
-    """`eas-serve@si=0.5`: eas-serve with the interpreter's GIL switch interval at 0.5 ms; `eas-serve@inline`;
+    """`eas-serve@si=0.5`: eas-serve with the interpreter's GIL switch interval at 0.5 ms;
     `eas-serve@env=EAS_X=v`: with that environment variable (experiment knobs; the label keeps the spec so
     several can run side by side)."""
     name, _, extra = spec.partition("@")
     env = thread_env(args.threads)
     if extra.startswith("si="):
         env[SWITCH_INTERVAL] = extra.removeprefix("si=")
-    elif extra == "inline":
-        env[INLINE_PREPARE] = "1"
     elif extra.startswith("env="):  # eas-serve@env=NAME=VALUE (VALUE defaults to 1): any setting, A/B
         key, _, value = extra.removeprefix("env=").partition("=")
         env[key] = value or "1"
@@ -240,8 +217,6 @@ def thread_env(threads: int | None, policy: str | None = None) -> dict[str, str]
     if policy:
         env["OMP_WAIT_POLICY"] = policy
     return env
-
-
 
 
 def _wait_ready(server: Server, path: str, timeout_s: float = 300.0) -> None:

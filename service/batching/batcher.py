@@ -146,6 +146,11 @@ class Batcher:
         with self._cond:
             return self._reserved + len(self._queue)
 
+    def alone(self) -> bool:
+        """Is one admitted request (the caller's) all there is: nothing else admitted, queued or running?"""
+        with self._cond:
+            return self._reserved == 1 and not self._queue and not self._running
+
     @property
     def busy(self) -> bool:
         with self._cond:

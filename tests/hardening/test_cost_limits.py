@@ -76,8 +76,8 @@ def test_a_long_prompt_never_pads_short_ones() -> None:
     assert fits_batch(short, _item(0), 16384)  # unknown length (shadow mirrors): no opinion
 
 
-@pytest.mark.anyio
-async def test_decode_and_processor_run_off_the_event_loop(model_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
+def _record_decode_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread each image is decoded on, in order."""
     threads: list[str] = []
     original = preprocess.decode_for_model
 
@@ -86,11 +86,53 @@ async def test_decode_and_processor_run_off_the_event_loop(model_dirs, monkeypat
         return original(*args)
 
     monkeypatch.setattr(preprocess, "decode_for_model", recording)
-    async with running_app(make_settings(model_dirs)) as (_, client):
+    return threads
+
+
+@pytest.mark.anyio
+async def test_decode_and_processor_run_off_the_event_loop(model_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = _record_decode_threads(monkeypatch)
+    async with running_app(make_settings(model_dirs, prepare_inline_when_idle=False)) as (_, client):
         loop_thread = threading.current_thread().name
         response = await client.post("/v1/answer", **multipart(image_bytes(), Q))
         assert response.status_code == 200, response.text
     assert threads and all(name.startswith("preprocess") and name != loop_thread for name in threads)
+
+
+@pytest.mark.anyio
+async def test_on_an_idle_server_a_small_image_is_prepared_on_the_loop_and_otherwise_in_the_pool(
+        model_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.service.conftest import Gate
+
+    threads = _record_decode_threads(monkeypatch)
+    gate = Gate()
+    async with running_app(make_settings(model_dirs, baseline_path=None), loader=gate.loader()) as (app, client):
+        loop_thread = threading.current_thread().name
+        pre = app.state.service.preprocessor
+        alone = await client.post("/v1/answer", **multipart(image_bytes(), Q))
+        assert alone.status_code == 200, alone.text
+        assert threads == [loop_thread] and pre.inlined == 1
+        # The same request as a large image (over 512x512 pixels): the pool, idle or not.
+        assert (await client.post("/v1/answer", **multipart(_png((600, 600)), Q))).status_code == 200
+        assert threads[-1].startswith("preprocess") and pre.inlined == 1
+        # A refusal found while preparing inline is the same 422 as from the pool.
+        assert_error(await client.post("/v1/answer", **multipart(image_bytes(), "what is <image>?")),
+                     422, "reserved_marker")
+        # While another request runs, a small image goes to the pool: the loop stays free for the others.
+        gate.close()
+        try:
+            running = asyncio.ensure_future(client.post("/v1/answer", **multipart(image_bytes(), Q)))
+            await asyncio.to_thread(gate.started.wait, 10)
+            inlined = pre.inlined
+            second = asyncio.ensure_future(client.post("/v1/answer", **multipart(image_bytes(), Q)))
+            for _ in range(1000):
+                if len(threads) == 4:
+                    break
+                await asyncio.sleep(0.01)
+            assert threads[-1].startswith("preprocess") and pre.inlined == inlined
+        finally:
+            gate.open()
+        assert (await running).status_code == 200 and (await second).status_code == 200
 
 
 @pytest.mark.anyio
