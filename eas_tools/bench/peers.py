@@ -54,6 +54,7 @@ HEALTH = {"eas-serve": "/health/ready", "litserve": "/health", "naive": "/health
 COLOURS = [(200, 30, 30), (30, 160, 30), (30, 30, 200), (220, 200, 30), (120, 60, 160), (90, 90, 90),
            (0, 150, 150), (230, 120, 20)]
 OLD_THREADS = "EAS_BENCH_SKIP_CPU_SETUP"  # the server skips service/cpu.py's set-up (the old behaviour)
+TREE = "EAS_BENCH_TREE"  # eas-serve@tree=PATH: that server's working directory (another checkout's code)
 SWITCH_INTERVAL = "EAS_BENCH_SWITCH_INTERVAL_MS"  # eas-serve@si=<ms>: sys.setswitchinterval in that server
 QUESTIONS = ["what colour is the shape?", "what shape is in the image?", "is there a circle?",
              "what is the colour of the shape?"]
@@ -181,7 +182,9 @@ def start_server(name: str, args: argparse.Namespace, label: str | None = None,
                "--litserve-timeout-ms", str(args.litserve_timeout_ms), "--device", args.device]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env if env is not None else thread_env(args.threads))}
     environment = {k: v for k, v in environment.items() if v is not None}
-    process = subprocess.Popen(command, env=environment, start_new_session=True)
+    # eas-serve@tree=PATH: the server runs from that checkout (`python -m` puts its working directory first)
+    tree = environment.pop(TREE, None)
+    process = subprocess.Popen(command, env=environment, start_new_session=True, cwd=tree)
     server = Server(name, label or name, f"http://127.0.0.1:{port}", process)
     try:
         _wait_ready(server, HEALTH[name])
@@ -198,7 +201,8 @@ def start_server(name: str, args: argparse.Namespace, label: str | None = None,
 
 def _variant(spec: str, args: argparse.Namespace) -> tuple[str, argparse.Namespace, str, dict[str, str]]:
     """`eas-serve@si=0.5`: eas-serve with the interpreter's GIL switch interval at 0.5 ms;
-    `eas-serve@env=EAS_X=v`: with that environment variable (experiment knobs; the label keeps the spec so
+    `eas-serve@env=EAS_X=v`: with that environment variable; `eas-serve@tree=PATH`: the code of another
+    checkout, a `git worktree` of an earlier commit, say (experiment knobs; the label keeps the spec so
     several can run side by side)."""
     name, _, extra = spec.partition("@")
     env = thread_env(args.threads)
@@ -207,6 +211,8 @@ def _variant(spec: str, args: argparse.Namespace) -> tuple[str, argparse.Namespa
     elif extra.startswith("env="):  # eas-serve@env=NAME=VALUE (VALUE defaults to 1): any setting, A/B
         key, _, value = extra.removeprefix("env=").partition("=")
         env[key] = value or "1"
+    elif extra.startswith("tree="):
+        env[TREE] = str(Path(extra.removeprefix("tree=")).resolve())
     return name, args, spec, env
 
 

@@ -128,6 +128,49 @@ def test_tensors_cross_as_arrays_and_come_back_equal() -> None:
     assert not torch.equal(from_wire(to_wire(changed)), value["input_ids"])
 
 
+def test_tensors_that_need_detaching_or_a_copy_cross_too() -> None:
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    transposed = base.t()  # not contiguous
+    assert torch.equal(from_wire(to_wire(transposed)), transposed)
+    weights = torch.ones(2, 2, requires_grad=True)
+    back = from_wire(to_wire(weights * 3))
+    assert torch.equal(back, torch.full((2, 2), 3.0)) and not back.requires_grad
+
+
+@pytest.mark.parametrize("size", [10, 100_000, 3_000_000])
+def test_a_message_is_one_frame_connection_reads_even_past_the_socket_buffer(size: int,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import socket
+    import threading
+    from multiprocessing.connection import Connection
+
+    from service.runner import process
+
+    writes: list[int] = []
+    real_writev = os.writev
+
+    def counting(fd: int, buffers: list) -> int:
+        written = real_writev(fd, buffers)
+        writes.append(written)
+        return written
+
+    monkeypatch.setattr(process.os, "writev", counting)
+    ours, theirs = socket.socketpair()  # default buffers: 3 MB waits for the reader to drain them
+    sender, receiver = Connection(ours.detach()), Connection(theirs.detach())
+    message = ("batch", b"x" * size, [1, 2, 3])
+    received: list = []
+    reader = threading.Thread(target=lambda: received.append(process._recv(receiver)))
+    reader.start()
+    process._send(sender, message)
+    reader.join(10)
+    assert received == [message]
+    if size <= 100_000:  # fits the buffer: length and payload in one write (Connection makes two)
+        assert len(writes) == 1
+    sender.close()
+    receiver.close()
+
+
 # --- served through the child --------------------------------------------------------------------------
 
 @pytest.mark.anyio
