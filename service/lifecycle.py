@@ -114,7 +114,8 @@ class Service:
         # Image decode and the processor, per request, off the event loop and the batch workers.
         self.preprocessor = Preprocessor(settings.preprocess_threads, settings.max_decode_bytes,
                                          settings.retry_after_s, refusal_status=settings.queue_full_status,
-                                         inline_when_idle=settings.prepare_inline_when_idle)
+                                         inline_when_idle=settings.prepare_inline_when_idle,
+                                         niceness=settings.preprocess_niceness)
         self.model_process = uses_model_process(settings, loader)
         self.phase = Phase.LOADING
         self.started_unix = int(time.time())

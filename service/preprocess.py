@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import threading
 import time
@@ -90,9 +91,12 @@ INLINE_PIXELS = 512 * 512
 class Preprocessor:
     def __init__(self, threads: int, max_decode_bytes: int, retry_after_s: int, *, refusal_status: int = 429,
                  large_pixels: int = LARGE_PIXELS, large_waiting: int = LARGE_WAITING,
-                 inline_when_idle: bool = True) -> None:
+                 inline_when_idle: bool = True, niceness: int = 0) -> None:
         self.refusal_status = refusal_status  # as for a full queue (Settings.queue_full_status)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
+        # `niceness` > 0: the pool's threads yield the cores to the model (docs/serving.md, "Threads and
+        # neighbours"); a request's preparation then runs in the time the model leaves over.
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess",
+                                        initializer=functools.partial(_lower_priority, niceness) if niceness else None)
         self._large = ThreadPoolExecutor(1, thread_name_prefix="preprocess-large", initializer=_lower_priority)
         self.large_pixels = large_pixels
         self.large_waiting = large_waiting
@@ -231,13 +235,15 @@ def _embedding_rows(module: Any) -> int | None:
         return rows
 
 
-def _lower_priority(niceness: int = LARGE_NICENESS) -> None:
-    """Run this thread (the large-image lane) at a lower CPU priority: a flood of the largest images then
-    decodes in the time ordinary requests and the model leave over, instead of taking a core from them.
-    Linux gives each thread its own niceness; Pillow's decoders release the GIL, so a descheduled decode
-    holds nobody up. Elsewhere this does nothing."""
+def _lower_priority(by: int = LARGE_NICENESS) -> None:
+    """Run this thread `by` steps nicer than it was (at most 19): the large-image lane, so that a flood of the
+    largest images decodes in the time ordinary requests and the model leave over, instead of taking a core
+    from them; the preprocessing pool, so that the model goes first. Linux gives each thread its own
+    niceness; Pillow's decoders and the Rust tokenizer release the GIL, so a descheduled thread there holds
+    nobody up. Elsewhere this does nothing."""
     with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + by))
 
 
 def _trim_heap() -> None:

@@ -121,6 +121,10 @@ class Settings(BaseSettings):
                                  "with few or no others instead of padding many short ones.",
     )
     preprocess_threads: int = Field(2, ge=1, le=64, description="Threads that decode images and run the processor.")
+    preprocess_niceness: int = Field(
+        5, ge=0, le=19, description="CPU niceness of the preprocessing threads (Linux, per thread): under "
+                                    "contention for the cores the model, the bounding stage, goes first.",
+    )
     prepare_inline_when_idle: bool = Field(
         True, description="Prepare a small image (<= 256 KiB, <= 512x512 pixels) on the event loop when the "
                           "server is idle (nothing else admitted, queued, running or in the pool): the pool's "

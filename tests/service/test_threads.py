@@ -81,3 +81,24 @@ def test_a_quota_caps_the_affinity(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     root, proc_file = _fake_cgroup(tmp_path, {"cpu.max": "150000 100000"}, "0::/\n")
     monkeypatch.setattr("service.cpu.cgroup_quota", lambda root: cgroup_quota(root, proc_file))
     assert usable_cpus(root) == 1  # 1.5 CPUs: a second thread would only wait at throttled barriers
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread niceness is a Linux feature")
+@pytest.mark.parametrize("niceness", [0, 5])
+def test_preprocessing_threads_run_at_their_niceness(niceness: int) -> None:
+    import threading
+
+    from service.preprocess import Preprocessor
+
+    def own_niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = own_niceness()
+    pre = Preprocessor(2, 1 << 20, 1, niceness=niceness)
+    try:
+        seen = {pre._pool.submit(own_niceness).result(10) for _ in range(4)}
+    finally:
+        pre._pool.shutdown()
+        pre._large.shutdown()
+    assert seen == {min(19, base + niceness)}  # niceness 0: the server's own (the negative control)
+    assert own_niceness() == base  # the caller's thread is untouched
