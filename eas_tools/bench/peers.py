@@ -100,10 +100,9 @@ def _serve_eas(port: int, model_dir: Path, max_batch: int, window_ms: float, dev
         from service.cpu import prepare_process
 
         prepare_process()  # what `eas serve` does: OMP_NUM_THREADS / OMP_WAIT_POLICY unless already set
-    import uvicorn
 
     from service.app import create_app
-    from service.server import DrainingServer
+    from service.server import DrainingServer, uvicorn_config
     from service.settings import Settings
 
     settings = Settings(model_path=model_dir, load_baseline=False, model="peers", device=device, dtype="auto",
@@ -111,7 +110,8 @@ def _serve_eas(port: int, model_dir: Path, max_batch: int, window_ms: float, dev
                         default_deadline_ms=600_000, max_deadline_ms=600_000, api_token=None, admin_token=None,
                         shadow_fraction=0.0)
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+    # The served configuration (service/server.py: the guarded protocol, connection limits), as `eas serve`
+    config = uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
                             access_log=False)
     DrainingServer(config, app.state.service).run()
 
