@@ -219,14 +219,7 @@ async def test_admitted_then_starved_is_429_with_retry_after_not_504(model_dirs)
 
 @pytest.mark.anyio
 async def test_large_images_have_their_own_short_lane(model_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
-    threads: list[str] = []
-    original = preprocess.decode_for_model
-
-    def recording(*args: Any) -> Image.Image:
-        threads.append(threading.current_thread().name)
-        return original(*args)
-
-    monkeypatch.setattr(preprocess, "decode_for_model", recording)
+    threads = _record_decode_threads(monkeypatch)
     big = _png((1500, 1500))
     async with running_app(make_settings(model_dirs, baseline_path=None)) as (app, client):
         assert (await client.post("/v1/answer", **multipart(big, Q))).status_code == 200
