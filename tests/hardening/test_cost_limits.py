@@ -2,7 +2,8 @@
 
 - a question under the character limit but over the token limit is refused (422, both numbers named);
 - a batch never pads short prompts to one much longer prompt, nor exceeds its padded-token budget;
-- image decode and the processor run in the preprocessing pool, never on the event loop's thread;
+- image decode and the processor run in the preprocessing pool, not on the event loop's thread, except a small
+  image on an idle server (nobody waits behind it there);
 - a PNG of many empty chunks is refused before Pillow walks them; public messages carry no object reprs;
 - a huge or extremely long image is decoded towards the model's input size; EXIF orientation is applied;
 - decoded-image memory in flight is bounded.
