@@ -111,7 +111,8 @@ class Service:
         self.image_limits = ImageLimits.from_formats(settings.allowed_image_formats, settings.max_image_pixels,
                                                      settings.max_image_side, max_png_chunks=settings.max_png_chunks,
                                                      max_png_ancillary_bytes=settings.max_png_ancillary_bytes)
-        # Image decode and the processor, per request, off the event loop and the batch workers.
+        # Image decode and the processor, per request, off the batch workers and (but for a small image on
+        # an idle server) off the event loop.
         self.preprocessor = Preprocessor(settings.preprocess_threads, settings.max_decode_bytes,
                                          settings.retry_after_s, refusal_status=settings.queue_full_status,
                                          inline_when_idle=settings.prepare_inline_when_idle,

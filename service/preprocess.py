@@ -1,5 +1,6 @@
 """The bounded preprocessing pool: image decode and the model's processor, per request, off the event loop
-and off the batch worker (issue 17, H2 and M1; docs/hardening.md).
+and off the batch worker (issue 17, H2 and M1; docs/hardening.md). One bounded exception: on an idle server
+a small image is prepared on the event loop itself, where nobody waits behind it (INLINE_BYTES).
 
 Every admitted request passes through here before it is queued: its image is opened, checked, decoded
 towards the model's input size (service/validation/images.py `decode_for_model`) and run through the
