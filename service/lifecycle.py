@@ -223,6 +223,8 @@ class Service:
             on_depth=depth.set,
             max_batch_tokens=s.max_batch_tokens,
             isolate_failures=_isolate_failure,
+            # The model process takes a lone request straight from the event loop (service/batching/batcher.py).
+            submit=runner.submit if isinstance(runner, ProcessRunner) and s.dispatch_from_loop else None,
         )
         return ServedVariant(info=info, runner=runner, batcher=batcher)
 

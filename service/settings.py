@@ -83,6 +83,12 @@ class Settings(BaseSettings):
                           "(EAS_MODEL_PROCESS; service/runner/process.py); unset: on when the model runs on the "
                           "CPU with the service's own loader.",
     )
+    dispatch_from_loop: bool = Field(
+        True, description="With a model process, a request that finds its variant idle (nothing queued, "
+                          "admitted or running) is sent to the model process by the event loop itself, without "
+                          "the batch worker's two thread hand-offs (EAS_DISPATCH_FROM_LOOP; "
+                          "service/batching/batcher.py).",
+    )
 
     # --- following the registry's active version (issue 16; service/runner/follower.py) --------------
     # The registry itself is chosen by EAS_REGISTRY_URL, which the store reads (model_store/registry.py), so

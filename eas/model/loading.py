@@ -6,6 +6,7 @@ all of them build prompts, batch, pad and generate the same way.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,9 +68,10 @@ class LoadedModel:
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         return batch
 
-    @property
+    @functools.cached_property
     def max_positions(self) -> int | None:
-        """How many positions the language model has (prompt and answer together), when its config says."""
+        """How many positions the language model has (prompt and answer together), when its config says.
+        Read once: the server checks it for every request, and a config attribute read costs microseconds."""
         config = self.model.config
         text = getattr(config, "text_config", None) or config
         value = getattr(text, "max_position_embeddings", None)

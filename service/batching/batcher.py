@@ -9,6 +9,11 @@ of the gap to LitServe at one client). The window (`max_batch_wait_s`, from the 
 is spent only while other admitted requests are still being prepared (image decode, processor): they
 are known to be on their way, and waiting for them saves a batch. A batch also closes at `max_batch_size`.
 
+A runner that can take a batch from the event loop itself (`submit`: the model process,
+service/runner/process.py) gets a request that finds the batcher idle (nothing queued, admitted or running)
+straight from the loop: the worker's wake-up and the hand-back to the loop are two thread hand-offs, each
+paid on a one-request path that has nothing to batch (issue 18). Everything else goes through the worker.
+
 Queue capacity counts admitted requests that have not started yet, including those still decoding
 their image: admission is decided before any decoding (serving-conventions §2), so a flood of large
 images cannot pile up in memory behind a "full" queue.
@@ -29,6 +34,10 @@ from service.errors import DeadlineExceeded, ServiceError, ServiceUnavailable
 log = logging.getLogger(__name__)
 
 BatchFn = Callable[[list[WorkItem]], list[Generation]]
+# Called on the event loop with a batch and a callback; True when the runner took the batch, and it then
+# calls the callback once, on the loop, with the batch's generations or the exception that failed it.
+# False: it cannot take one now (busy, or its model process must be started first); the worker runs it.
+SubmitFn = Callable[[list[WorkItem], Callable[[list[Generation] | BaseException], None]], bool]
 # Told about every batch that ran, with its requests and results, before they are answered (metrics).
 BatchObserver = Callable[[list[WorkItem], list[Generation]], None]
 
@@ -90,6 +99,7 @@ class Batcher:
         on_depth: Callable[[int], None] | None = None,
         max_batch_tokens: int | None = None,
         isolate_failures: Callable[[Exception], bool] | None = None,
+        submit: SubmitFn | None = None,
     ) -> None:
         self.name = name
         # After a batch of several rows fails with an exception this accepts, each row runs once alone: a
@@ -98,6 +108,8 @@ class Batcher:
         self._isolate = isolate_failures
         self.max_batch_tokens = max_batch_tokens  # padded-token budget of a batch (None: no budget)
         self._run_batch = run_batch
+        self._submit = submit
+        self.sent_from_loop = 0  # batches the runner took from the event loop (a count for tests and benchmarks)
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_s
         self.max_queue_size = max_queue_size
@@ -194,6 +206,7 @@ class Batcher:
     # --- called through Admission ------------------------------------------------------------------
 
     def _enqueue_admitted(self, item: WorkItem) -> None:
+        direct = False
         with self._cond:
             self._reserved -= 1
             if self._stopping:
@@ -201,12 +214,50 @@ class Batcher:
             else:
                 closed = False
                 item.enqueued_at = time.monotonic()
+                if self._submit is not None and not (self._queue or self._running or self._reserved) \
+                        and _on_loop(item.loop):
+                    item.started_at = item.enqueued_at
+                    self._running = [item]  # the worker waits until this batch is over
+                    direct = True
+                else:
+                    self._queue.append(item)
+                    self._cond.notify()
+            depth = self._reserved + len(self._queue)
+        if direct and not self._dispatch_from_loop(item):
+            with self._cond:  # the runner could not take it: the worker runs it instead
+                item.started_at = None
+                self._running = []
                 self._queue.append(item)
                 self._cond.notify()
-            depth = self._reserved + len(self._queue)
         self._report_depth(depth)
         if closed:
             raise ServiceUnavailable("the server is shutting down", code="draining")
+
+    def _dispatch_from_loop(self, item: WorkItem) -> bool:
+        assert self._submit is not None
+        batch = [item]
+
+        def done(outcome: list[Generation] | BaseException) -> None:
+            with self._cond:
+                self._running = []
+                self._cond.notify()  # the worker may have requests that arrived meanwhile
+            if isinstance(outcome, BaseException):
+                log.error("batcher %s: request %s failed (%s: %s)", self.name, item.request_id,
+                          type(outcome).__name__, outcome)
+                item.fail(InferenceFailed("inference failed; see the server log for this request id"))
+            elif len(outcome) != len(batch):
+                log.error("batcher %s: runner returned %d results for 1 request", self.name, len(outcome))
+                item.fail(InferenceFailed("inference failed; see the server log for this request id"))
+            else:
+                self._finish(batch, outcome, on_loop=True)
+
+        try:
+            taken = self._submit(batch, done)
+        except Exception:
+            log.exception("batcher %s: the runner refused a batch from the event loop", self.name)
+            return False
+        self.sent_from_loop += taken
+        return taken
 
     def _release_admission(self) -> None:
         with self._cond:
@@ -229,8 +280,8 @@ class Batcher:
 
     def _next_batch(self) -> tuple[list[WorkItem] | None, list[WorkItem]]:
         with self._cond:
-            while not self._queue:
-                if self._stopping:
+            while not self._queue or self._running:  # _running here: a batch sent from the loop
+                if self._stopping and not self._queue:
                     return None, []
                 self._cond.wait()
             fill_until = self._queue[0].enqueued_at + self.max_batch_wait_s
@@ -298,7 +349,7 @@ class Batcher:
         else:
             self._finish([item], generations)
 
-    def _finish(self, batch: list[WorkItem], generations: list[Generation]) -> None:
+    def _finish(self, batch: list[WorkItem], generations: list[Generation], on_loop: bool = False) -> None:
         if self._on_batch is not None:
             try:  # a metrics problem must never fail requests whose answers exist
                 self._on_batch(batch, generations)
@@ -306,8 +357,20 @@ class Batcher:
                 log.exception("batcher %s: batch observer failed", self.name)
         for item, generation in zip(batch, generations, strict=True):
             assert item.started_at is not None
-            item.resolve(Completed(generation, queue_s=item.started_at - item.enqueued_at))
+            completed = Completed(generation, queue_s=item.started_at - item.enqueued_at)
+            if on_loop:
+                item.resolve_here(completed)
+            else:
+                item.resolve(completed)
 
     def _report_depth(self, depth: int) -> None:
         if self._on_depth is not None:
             self._on_depth(depth)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """Is this thread running `loop` (only there may a batch be sent from the loop)?"""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

@@ -101,6 +101,10 @@ class WorkItem:
     def fail(self, exc: BaseException) -> None:
         self._call(_set_exception, exc)
 
+    def resolve_here(self, result: Completed) -> None:
+        """`resolve`, called on the item's own event loop (a batch sent from the loop): no hand-off needed."""
+        _set_result(self.future, result)
+
     def _call(self, fn: Any, value: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
             self.loop.call_soon_threadsafe(fn, self.future, value)

@@ -34,6 +34,7 @@ clock for every process on Linux.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -70,6 +71,9 @@ CANCEL_POLL_S = 0.01
 START_TIMEOUT_S = 600.0  # loading a large model from a slow disk
 STOP_TIMEOUT_S = 5.0
 STUCK_GRACE_S = 30.0
+# The largest batch the event loop sends itself (ProcessRunner.submit): far below the socket buffer, so that
+# the write never waits for the child. A batch of one ordinary request is tens of KB.
+LOOP_WRITE_LIMIT = 1 << 20
 
 
 class ModelProcessError(RuntimeError):
@@ -141,7 +145,10 @@ def _send(conn: Connection, message: Any) -> None:
     and each write releases the interpreter lock, which the batch worker then waits to get back behind the
     event loop and the preprocessing threads (up to a switch interval each time: measured 4 ms per batch at
     16 clients). The frame is the one Connection.recv_bytes reads."""
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    _write(conn, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _write(conn: Connection, payload: bytes) -> None:
     if len(payload) > _FRAME_LIMIT:
         conn.send_bytes(payload)
         return
@@ -359,21 +366,26 @@ class ProcessRunner(ModelRunner):
                 self._await_ready()
             return self._exchange(items)
 
-    def _exchange(self, items: list[Any]) -> list[Generation]:
-        conn = self._conn
-        assert conn is not None
+    def _batch_message(self, items: list[Any]) -> bytes:
         for k in range(len(items)):
             self._flags[k] = False
         specs = [RowSpec(i.question, i.max_new_tokens, i.sampling, i.sink is not None,
                          to_wire(i.features) if i.features is not None else None,
                          i.image if i.features is None else None, i.tokens) for i in items]
-        # Every row's deadline past (its flag set, so the child should have stopped it at its next step) and
-        # STUCK_GRACE_S more: the child is stuck in one step (a hung kernel, a deadlock) and is killed, which a
-        # worker thread could never be. Rows without a deadline (warm-up) give it START_TIMEOUT_S.
-        now = time.monotonic()
-        stuck_at = max(getattr(i, "deadline", now + START_TIMEOUT_S) for i in items) + STUCK_GRACE_S
+        return pickle.dumps(("batch", specs, self.threads.threads), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _done(self, message: tuple[Any, ...]) -> list[Generation]:
+        reducer = token_reducer(self.model.model)
+        if reducer is not None and message[2] is not None:
+            reducer.last_prompt_tokens = message[2]  # the child's, for /info
+        return list(message[1])
+
+    def _exchange(self, items: list[Any]) -> list[Generation]:
+        conn = self._conn
+        assert conn is not None
+        stuck_at = _stuck_at(items)
         try:
-            _send(conn, ("batch", specs, self.threads.threads))
+            _write(conn, self._batch_message(items))
             while True:
                 for k, item in enumerate(items):
                     if item.cancelled.is_set():
@@ -392,10 +404,7 @@ class ProcessRunner(ModelRunner):
                     if sink is not None:
                         sink(message[2])
                 elif message[0] == "done":
-                    reducer = token_reducer(self.model.model)
-                    if reducer is not None and message[2] is not None:
-                        reducer.last_prompt_tokens = message[2]  # the child's, for /info
-                    return list(message[1])
+                    return self._done(message)
                 else:
                     raise ModelProcessError(f"the model process failed the batch:\n{message[1]}")
         except (EOFError, OSError):
@@ -403,6 +412,37 @@ class ProcessRunner(ModelRunner):
             self._kill()
             raise ModelProcessGone(f"the model process exited during a batch (exit code {code}); "
                                     "the next batch starts a new one") from None
+
+    def submit(self, items: list[Any], done: Callable[[list[Generation] | BaseException], None]) -> bool:
+        """The Batcher's `submit`, on the event loop: send a batch and return at once; `done` gets its
+        generations, or the exception that failed it, on the loop (`_LoopExchange`). False, with nothing
+        sent, when the child is running the worker's batch, must be started first (the worker's `run_batch`
+        does that), or the batch is too large to write without waiting (LOOP_WRITE_LIMIT)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            process, conn = self._process, self._conn
+            if self._closed or not self._ready or process is None or conn is None or process.poll() is not None:
+                self._lock.release()
+                return False
+            payload = self._batch_message(items)
+        except BaseException:
+            self._lock.release()
+            raise
+        if len(payload) > LOOP_WRITE_LIMIT:
+            self._lock.release()
+            return False
+        try:
+            _write(conn, payload)
+            _LoopExchange(self, conn, items, done, asyncio.get_running_loop())
+        except BaseException:
+            # The child may hold part or all of the batch, and nobody would read its reply: it goes, and the
+            # worker, which runs the batch instead, starts a new one.
+            log.warning("variant %s: sending a batch from the event loop failed", self.info.variant, exc_info=True)
+            self._kill()
+            self._lock.release()
+            return False
+        return True
 
     def warm_up(self, max_new_tokens: int) -> Generation:
         """One real generation through the child (it also proves the pipe works)."""
@@ -439,3 +479,74 @@ class ProcessRunner(ModelRunner):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(STOP_TIMEOUT_S)
 
+
+def _stuck_at(items: list[Any]) -> float:
+    """When a batch's child counts as stuck: every row's deadline past (its flag set, so the child should have
+    stopped it at its next step) and STUCK_GRACE_S more; it is then stuck in one step (a hung kernel, a
+    deadlock) and is killed, which a worker thread could never be. Rows without a deadline (warm-up) give it
+    START_TIMEOUT_S."""
+    now = time.monotonic()
+    return max(getattr(i, "deadline", now + START_TIMEOUT_S) for i in items) + STUCK_GRACE_S
+
+
+class _LoopExchange:
+    """One batch sent from the event loop (ProcessRunner.submit), watched there as `_exchange` watches a batch
+    on the worker: the reply is read when the socket is readable, streamed deltas go to their sinks, each
+    request's cancellation is copied to the child every CANCEL_POLL_S, and a stuck or dead child is killed.
+    The runner's lock, taken by `submit`, is held until the batch is over."""
+
+    def __init__(self, runner: ProcessRunner, conn: Connection, items: list[Any],
+                 done: Callable[[list[Generation] | BaseException], None], loop: asyncio.AbstractEventLoop) -> None:
+        self.runner, self.conn, self.items, self.done, self.loop = runner, conn, items, done, loop
+        self.stuck_at = _stuck_at(items)
+        self.over = False
+        self.fd = conn.fileno()
+        loop.add_reader(self.fd, self._readable)
+        self.timer = loop.call_later(CANCEL_POLL_S, self._tick)
+
+    def _readable(self) -> None:
+        try:
+            while not self.over and self.conn.poll(0):
+                message = _recv(self.conn)
+                if message[0] == "delta":
+                    sink = self.items[message[1]].sink
+                    if sink is not None:
+                        sink(message[2])
+                elif message[0] == "done":
+                    self._end(self.runner._done(message))
+                else:
+                    self._end(ModelProcessError(f"the model process failed the batch:\n{message[1]}"))
+        except (EOFError, OSError):
+            process = self.runner._process
+            code = process.poll() if process is not None else None
+            self._end(ModelProcessGone(f"the model process exited during a batch (exit code {code}); the next "
+                                       "batch starts a new one"), kill=True)
+        except Exception as exc:  # a reply that does not unpickle, a sink that raised: the stream's state is unknown
+            self._end(ModelProcessError(f"reading the model process's reply failed: {exc!r}"), kill=True)
+
+    def _tick(self) -> None:
+        if self.over:
+            return
+        if self.runner._conn is not self.conn:  # closed by `close` after its wait for the lock ran out
+            self._end(ModelProcessGone("the model process was stopped during a batch"))
+            return
+        for k, item in enumerate(self.items):
+            if item.cancelled.is_set():
+                self.runner._flags[k] = True
+        if time.monotonic() > self.stuck_at:
+            self._end(ModelProcessGone(f"the model process ran a batch {STUCK_GRACE_S:g}s past its last deadline "
+                                       "and was killed; the next batch starts a new one"), kill=True)
+            return
+        self.timer = self.loop.call_later(CANCEL_POLL_S, self._tick)
+
+    def _end(self, outcome: list[Generation] | BaseException, *, kill: bool = False) -> None:
+        if self.over:
+            return
+        self.over = True
+        self.timer.cancel()
+        with contextlib.suppress(OSError, ValueError):  # the fd may already be closed (`close`)
+            self.loop.remove_reader(self.fd)
+        if kill and self.runner._conn is self.conn:
+            self.runner._kill()
+        self.runner._lock.release()
+        self.done(outcome)

@@ -378,3 +378,97 @@ def test_the_child_dies_with_its_parent(model_dirs: ModelDirs, tmp_path: Path) -
         assert not _alive(child), "the model process outlived its parent by more than 5 s"
     finally:
         parent.kill()
+
+
+# --- a lone request, sent from the event loop (Batcher's `submit`) -----------------------------------------
+
+@pytest.mark.anyio
+async def test_a_lone_request_is_sent_from_the_event_loop_and_others_go_through_the_worker(
+        model_dirs: ModelDirs, direct: LoadedModel) -> None:
+    """One request at a time reaches the child from the loop; requests that find the variant busy queue for
+    the worker, which never runs beside a batch sent from the loop. Negative control: with the setting off,
+    nothing is sent from the loop and the answers are the same."""
+    pngs = [image_bytes((200, 30, 30)), image_bytes((30, 160, 30), (64, 48), shape="rectangle"),
+            image_bytes((30, 30, 200), (40, 56))]
+    expected = [direct.answer([Image.open(io.BytesIO(png))], [QUESTION], 6)[0] for png in pngs]
+    counts = {}
+    for setting in (True, False):
+        settings = make_settings(model_dirs, baseline_path=None, load_baseline=False, model_process=True,
+                                 device="cpu", dtype="fp32", dispatch_from_loop=setting)
+        async with running_app(settings) as (app, client):
+            batcher = app.state.service.registry.get("eas").batcher
+
+            async def ask(png: bytes, client: Any = client) -> str:
+                response = await client.post("/v1/answer", json={
+                    "image": _url(png).split(",", 1)[1], "question": QUESTION, "max_new_tokens": 6})
+                assert response.status_code == 200, response.text
+                return response.json()["answer"]
+
+            one_by_one = [await ask(png) for png in pngs]
+            lone = batcher.sent_from_loop
+            together = await asyncio.gather(*(ask(png) for png in pngs))
+            counts[setting] = (lone, batcher.sent_from_loop - lone)
+        assert one_by_one == expected and list(together) == expected
+    assert counts[True][0] == len(pngs)  # every lone request went from the loop
+    assert counts[True][1] < len(pngs)  # at least one of the concurrent ones found the variant busy
+    assert counts[False] == (0, 0)
+
+
+async def _from_loop(runner: ProcessRunner, items: list[Any]) -> Any:
+    future = asyncio.get_running_loop().create_future()
+    assert runner.submit(items, future.set_result)
+    return await asyncio.wait_for(future, 60)
+
+
+@pytest.mark.anyio
+async def test_a_batch_from_the_loop_streams_cancels_and_holds_the_child_until_it_is_over(
+        model_dirs: ModelDirs) -> None:
+    runner = _process_runner(model_dirs.eas)
+    try:
+        features = runner.model.prepare_one(Image.open(io.BytesIO(image_bytes())), QUESTION)
+        assert not runner.submit([_Item(features, 2)], lambda outcome: None)  # not started yet: the worker's job
+        await asyncio.to_thread(runner.run_batch, [_Item(features, 2)])
+        got: list[str] = []
+        cancel_me = _Item(features, 40, sink=lambda delta: (got.append(delta), cancel_me.cancelled.set()))
+        future = asyncio.get_running_loop().create_future()
+        assert runner.submit([cancel_me], future.set_result)
+        assert not runner.submit([_Item(features, 2)], lambda outcome: None)  # one batch at a time
+        worker = asyncio.ensure_future(asyncio.to_thread(runner.run_batch, [_Item(features, 3)]))
+        (cancelled,) = await asyncio.wait_for(future, 60)
+        assert got and cancelled.finish_reason == "cancelled" and cancelled.completion_tokens < 40
+        (after,) = await asyncio.wait_for(worker, 60)  # the worker's batch waited for the lock, then ran
+        assert after.completion_tokens >= 1
+        (again,) = await _from_loop(runner, [_Item(features, 2)])
+        assert again.completion_tokens >= 1
+    finally:
+        await asyncio.to_thread(runner.close)
+
+
+@pytest.mark.anyio
+async def test_a_dead_or_stuck_child_fails_the_batch_from_the_loop_and_the_next_batch_restarts_it(
+        model_dirs: ModelDirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.runner.process as process
+
+    monkeypatch.setattr(process, "STUCK_GRACE_S", 0.5)
+    runner = _process_runner(model_dirs.eas, hanging_loader)
+    try:
+        features = runner.model.prepare_one(Image.open(io.BytesIO(image_bytes())), QUESTION)
+        await asyncio.to_thread(runner.run_batch, [_Item(features, 2)])
+        stuck = runner.pid
+        started = time.monotonic()
+        outcome = await _from_loop(runner, [_Item(features, 2, deadline_s=0.5), _Item(features, 2, deadline_s=0.5)])
+        assert isinstance(outcome, ModelProcessError) and "killed" in str(outcome)
+        assert time.monotonic() - started < 10 and stuck is not None and not _alive(stuck)
+        assert not runner.submit([_Item(features, 2)], lambda outcome: None)  # no child: the worker starts one
+        await asyncio.to_thread(runner.run_batch, [_Item(features, 2)])
+        dying = runner.pid
+        assert dying not in (None, stuck)
+        future = asyncio.get_running_loop().create_future()
+        assert runner.submit([_Item(features, 2), _Item(features, 2)], future.set_result)  # hangs: batch of two
+        os.kill(dying, signal.SIGKILL)
+        outcome = await asyncio.wait_for(future, 30)
+        assert isinstance(outcome, ModelProcessError) and "exited during a batch" in str(outcome)
+        assert len(await asyncio.to_thread(runner.run_batch, [_Item(features, 2)])) == 1
+        assert runner.restarts == 2
+    finally:
+        await asyncio.to_thread(runner.close)
