@@ -125,7 +125,7 @@ async def _wait_for_result(request: Request, batcher: Batcher, item: WorkItem, m
                     raise _starved(request) from None
                 raise
         withdrawn = batcher.withdraw(item)
-        item.cancelled.set()  # a running batch drops this row at its next step
+        item.cancelled.set()  # a running batch on the per-step path drops this row at its next step
         item.future.cancel()
         if disconnect in done:
             metrics.rejected.labels(reason="client_disconnected").inc()

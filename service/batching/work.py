@@ -88,7 +88,8 @@ class WorkItem:
     # the runner prepares it (warm-up, shadow mirrors). `tokens`: its prompt length, 0 when not known.
     features: Any = None
     tokens: int = 0
-    # Set when nobody waits for the result any more: a running batch finishes this row at its next step.
+    # Set when nobody waits for the result any more: a running batch on the per-step path (sampling, stop
+    # options, streaming) finishes this row at its next step; a plain greedy batch runs to its end.
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = 0.0
     started_at: float | None = None

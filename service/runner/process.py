@@ -8,15 +8,19 @@ image decode, the processor) and the child only collates and runs batches, so th
 
 The contract between them is `ModelRunner.run_batch`, unchanged: `ProcessRunner` is a `ModelRunner` whose
 `run_batch` ships the batch's rows to the child, which runs the same `ModelRunner.run_batch` on its own copy
-of the model and sends back the `Generation`s. Along the way:
+of the model and sends back the `Generation`s. A lone request takes a shorter way (`submit`, called by the
+Batcher on the event loop): the loop sends it and reads the reply itself, with no batch worker between
+(`_LoopExchange`, which watches cancellations, streaming and a dead or stuck child as `_exchange` does).
+Along the way:
 
 - **Tensors travel as numpy arrays** (`to_wire` / `from_wire`): pickling torch tensors serialises each
   storage through torch.save, measured 7 ms + 9 ms for a batch of 16 prepared requests against 0.3 + 0.2 ms
   as numpy (bf16 travels as its int16 bit pattern).
 - **Streaming**: the child's token sink sends `("delta", row, text)`; the parent hands it to the request's
-  sink on the batch worker thread, as the in-process runner does.
+  sink on the batch worker thread, as the in-process runner does (on the loop, for a batch sent from there).
 - **Cancellation**: a shared array of one flag per batch row; the parent copies each request's `cancelled`
-  event into it while it waits, and the child's rows read it at every decode step.
+  event into it while it waits, and the child's rows read it at every decode step (of the per-step path:
+  sampling, stop options, streaming; a plain greedy batch runs to its end).
 - **Threads**: the parent's `ThreadBudget` (which shrinks while conversion jobs run) goes with every batch.
 - **Memory**: the parent's copy of the weights is released (moved to the meta device) once it has been
   loaded and verified; the parent still needs the processor, the config and the plan.

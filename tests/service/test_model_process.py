@@ -472,3 +472,26 @@ async def test_a_dead_or_stuck_child_fails_the_batch_from_the_loop_and_the_next_
         assert runner.restarts == 2
     finally:
         await asyncio.to_thread(runner.close)
+
+
+@pytest.mark.anyio
+async def test_a_deadline_passing_during_a_batch_from_the_loop_is_a_504_and_stops_the_child(
+        model_dirs: ModelDirs) -> None:
+    """The request's deadline cancels its row in the child (copied there every CANCEL_POLL_S), so the variant
+    is free again long before the 120 slowed steps the row asked for (30 ms each) would have ended. A sampled
+    request: rows are stopped one by one on the per-step path (a plain greedy batch runs to its end)."""
+    settings = make_settings(model_dirs, baseline_path=None, load_baseline=False, model_process=True,
+                             device="cpu", dtype="fp32")
+    async with running_app(settings, loader=slow_loader) as (app, client):
+        batcher = app.state.service.registry.get("eas").batcher
+        body = {"image": _url(image_bytes()).split(",", 1)[1], "question": QUESTION, "max_new_tokens": 120,
+                "temperature": 0.7, "seed": 3}
+        response = await client.post("/v1/answer", json=body, headers={"X-Request-Deadline-Ms": "300"})
+        assert response.status_code == 504, response.text
+        assert batcher.sent_from_loop == 1
+        freed = time.monotonic() + 2.0  # the whole row would take 3.6 s more
+        while batcher.busy and time.monotonic() < freed:
+            await asyncio.sleep(0.01)
+        assert not batcher.busy
+        response = await client.post("/v1/answer", json={**body, "max_new_tokens": 2})
+        assert response.status_code == 200 and batcher.sent_from_loop == 2
