@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -89,11 +90,12 @@ class LoadedModel:
         return batch
 
     @torch.inference_mode()
-    def generate_ids(self, batch: BatchFeature, max_new_tokens: int = 8) -> torch.Tensor:
-        """Greedy continuation ids (prompt removed), shape [B, <= max_new_tokens]."""
+    def generate_ids(self, batch: BatchFeature, max_new_tokens: int = 8, **options: Any) -> torch.Tensor:
+        """Greedy continuation ids (prompt removed), shape [B, <= max_new_tokens]. `options` go to
+        `eas.model.generation.generate` (e.g. `stopping_criteria`)."""
         from eas.model.generation import generate  # EAS-aware: pooling state and KV-cache layout
 
-        out = generate(self.model, batch, max_new_tokens=max_new_tokens, plan=self.plan)
+        out = generate(self.model, batch, max_new_tokens=max_new_tokens, plan=self.plan, **options)
         return out[:, batch["input_ids"].shape[1] :]
 
     def decode(self, ids: torch.Tensor) -> list[str]:

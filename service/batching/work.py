@@ -89,7 +89,7 @@ class WorkItem:
     features: Any = None
     tokens: int = 0
     # Set when nobody waits for the result any more: a running batch on the per-step path (sampling, stop
-    # options, streaming) finishes this row at its next step; a plain greedy batch runs to its end.
+    # options, streaming) finishes this row at its next step; a plain greedy batch ends once all its rows are.
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = 0.0
     started_at: float | None = None

@@ -20,7 +20,7 @@ Along the way:
   sink on the batch worker thread, as the in-process runner does (on the loop, for a batch sent from there).
 - **Cancellation**: a shared array of one flag per batch row; the parent copies each request's `cancelled`
   event into it while it waits, and the child's rows read it at every decode step (of the per-step path:
-  sampling, stop options, streaming; a plain greedy batch runs to its end).
+  sampling, stop options, streaming; a plain greedy batch ends once all its rows are cancelled).
 - **Threads**: the parent's `ThreadBudget` (which shrinks while conversion jobs run) goes with every batch.
 - **Memory**: the parent's copy of the weights is released (moved to the meta device) once it has been
   loaded and verified; the parent still needs the processor, the config and the plan.

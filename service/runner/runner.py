@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
+from transformers import StoppingCriteria
 
 from eas.model.loading import LoadedModel
 from eas.model.token_reduction import tokens_dropped
@@ -84,8 +85,11 @@ class ModelRunner:
             # Sampling, stop conditions or streaming: per-row control of each step (service/runner/sampling.py).
             return controlled_generations(self.model, batch, rows, prepare_s=t1 - t0, measure=self._phases.measure)
         started = time.monotonic()
+        # A plain batch nobody waits for any more (every row cancelled: deadline, client gone) ends at its next
+        # step; otherwise the criterion never fires and the generation is the unmodified one.
+        options = {"stopping_criteria": [_AllCancelled(rows)]} if rows else {}
         with self._phases.measure() as marks:
-            ids = self.model.generate_ids(batch, max(max_new_tokens))
+            ids = self.model.generate_ids(batch, max(max_new_tokens), **options)
         texts = self._decode(ids, max_new_tokens)  # copies ids to the host: the GPU work is done here
         t2 = time.perf_counter()
         phases = marks.seconds()  # after the host copy, so reading CUDA events never waits
@@ -126,6 +130,17 @@ class ModelRunner:
     def warm_up(self, max_new_tokens: int) -> Generation:
         """One real generation, so the first client request does not pay for lazy initialisation."""
         return self.generate([warmup_image()], ["what colour is the shape?"], [max_new_tokens])[0]
+
+
+class _AllCancelled(StoppingCriteria):
+    """Stops a plain batch once every one of its rows is cancelled (the per-step path stops rows one by one)."""
+
+    def __init__(self, rows: list[RowControl]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        over = all(row.cancelled.is_set() for row in self.rows)
+        return torch.full((input_ids.shape[0],), over, dtype=torch.bool, device=input_ids.device)
 
 
 def warmup_image(size: int = 64) -> Image.Image:

@@ -478,20 +478,51 @@ async def test_a_dead_or_stuck_child_fails_the_batch_from_the_loop_and_the_next_
 async def test_a_deadline_passing_during_a_batch_from_the_loop_is_a_504_and_stops_the_child(
         model_dirs: ModelDirs) -> None:
     """The request's deadline cancels its row in the child (copied there every CANCEL_POLL_S), so the variant
-    is free again long before the 120 slowed steps the row asked for (30 ms each) would have ended. A sampled
-    request: rows are stopped one by one on the per-step path (a plain greedy batch runs to its end)."""
+    is free again long before the 120 slowed steps the row asked for (30 ms each) would have ended: a sampled
+    request on the per-step path, and a plain greedy one, whose batch ends once all its rows are cancelled."""
     settings = make_settings(model_dirs, baseline_path=None, load_baseline=False, model_process=True,
                              device="cpu", dtype="fp32")
     async with running_app(settings, loader=slow_loader) as (app, client):
         batcher = app.state.service.registry.get("eas").batcher
-        body = {"image": _url(image_bytes()).split(",", 1)[1], "question": QUESTION, "max_new_tokens": 120,
-                "temperature": 0.7, "seed": 3}
-        response = await client.post("/v1/answer", json=body, headers={"X-Request-Deadline-Ms": "300"})
-        assert response.status_code == 504, response.text
-        assert batcher.sent_from_loop == 1
-        freed = time.monotonic() + 2.0  # the whole row would take 3.6 s more
-        while batcher.busy and time.monotonic() < freed:
-            await asyncio.sleep(0.01)
-        assert not batcher.busy
-        response = await client.post("/v1/answer", json={**body, "max_new_tokens": 2})
-        assert response.status_code == 200 and batcher.sent_from_loop == 2
+        plain = {"image": _url(image_bytes()).split(",", 1)[1], "question": QUESTION, "max_new_tokens": 120}
+        for k, body in enumerate((plain, {**plain, "temperature": 0.7, "seed": 3}), start=1):
+            response = await client.post("/v1/answer", json=body, headers={"X-Request-Deadline-Ms": "300"})
+            assert response.status_code == 504, response.text
+            assert batcher.sent_from_loop == 2 * k - 1
+            freed = time.monotonic() + 2.0  # the whole row would take 3.6 s more
+            while batcher.busy and time.monotonic() < freed:
+                await asyncio.sleep(0.01)
+            assert not batcher.busy
+            response = await client.post("/v1/answer", json={**body, "max_new_tokens": 2})
+            assert response.status_code == 200 and batcher.sent_from_loop == 2 * k
+
+
+def test_a_plain_batch_ends_once_every_row_is_cancelled_and_not_before(direct: LoadedModel) -> None:
+    """In the runner itself (the model process's, or the server's own thread without one): a greedy batch
+    runs unmodified while any row is still wanted, and stops at the next step once none is."""
+    from service.runner.runner import ModelRunner
+
+    info = VariantInfo(variant="eas", model="tiny", version="v1", kind="local", path=Path("."))
+    runner = ModelRunner(direct, info, ThreadBudget(threads=1))
+    features = direct.prepare_one(Image.open(io.BytesIO(image_bytes())), QUESTION)
+    steps: list[int] = []
+    rows: list[_Item] = []
+
+    def count(module: Any, args: Any, output: Any) -> None:
+        steps.append(1)
+        if len(steps) == 3:
+            for row in rows:
+                row.cancelled.set()
+
+    handle = direct.model.register_forward_hook(count)
+    try:
+        wanted = _Item(features, 12)
+        rows[:] = [_Item(features, 12)]  # only one of the two rows is cancelled
+        full = runner.run_batch([rows[0], wanted])
+        assert len(steps) == 12 and full[1].completion_tokens == 12
+        steps.clear()
+        rows[:] = [_Item(features, 12), _Item(features, 12)]  # both
+        runner.run_batch(rows)
+        assert len(steps) == 3  # the criterion, checked after each step's token, ends it right there
+    finally:
+        handle.remove()
