@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,41 @@ class Completed:
     queue_s: float
 
 
+class CancelFlag(threading.Event):
+    """A WorkItem's `cancelled`: an Event whose `set` also calls the hooks a runner watches it with, so a model
+    process hears of a cancellation at once, without polling for it (service/runner/process.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks: list[Callable[[], None]] = []
+        self._hooks_lock = threading.Lock()
+
+    def set(self) -> None:
+        super().set()
+        with self._hooks_lock:
+            hooks = list(self._hooks)
+        for hook in hooks:
+            _call_hook(hook)
+
+    def watch(self, hook: Callable[[], None]) -> None:
+        """Call `hook` when the flag is set (now, if it already is)."""
+        with self._hooks_lock:
+            self._hooks.append(hook)
+        if self.is_set():
+            _call_hook(hook)
+
+    def unwatch(self, hook: Callable[[], None]) -> None:
+        with self._hooks_lock, contextlib.suppress(ValueError):
+            self._hooks.remove(hook)
+
+
+def _call_hook(hook: Callable[[], None]) -> None:
+    try:  # whoever cancels (a deadline, a disconnect) must not fail because a runner's hook did
+        hook()
+    except Exception:
+        logging.getLogger(__name__).exception("a cancellation hook failed")
+
+
 @dataclass(eq=False)  # identity equality: items are removed from the queue by identity
 class WorkItem:
     image: Image.Image
@@ -90,7 +126,7 @@ class WorkItem:
     tokens: int = 0
     # Set when nobody waits for the result any more: a running batch on the per-step path (sampling, stop
     # options, streaming) finishes this row at its next step; a plain greedy batch ends once all its rows are.
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: CancelFlag = field(default_factory=CancelFlag)
     enqueued_at: float = 0.0
     started_at: float | None = None
 

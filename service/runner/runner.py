@@ -9,6 +9,8 @@ the vision encoder / prefill / decode split, measured by forward hooks (service/
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,9 +89,10 @@ class ModelRunner:
         started = time.monotonic()
         # A plain batch nobody waits for any more (every row cancelled: deadline, client gone) ends at its next
         # step; otherwise the criterion never fires and the generation is the unmodified one.
-        options = {"stopping_criteria": [_AllCancelled(rows)]} if rows else {}
+        generate_ids = self.model.generate_ids
+        options = {"stopping_criteria": [_AllCancelled(rows)]} if rows and _takes_options(generate_ids) else {}
         with self._phases.measure() as marks:
-            ids = self.model.generate_ids(batch, max(max_new_tokens), **options)
+            ids = generate_ids(batch, max(max_new_tokens), **options)
         texts = self._decode(ids, max_new_tokens)  # copies ids to the host: the GPU work is done here
         t2 = time.perf_counter()
         phases = marks.seconds()  # after the host copy, so reading CUDA events never waits
@@ -130,6 +133,22 @@ class ModelRunner:
     def warm_up(self, max_new_tokens: int) -> Generation:
         """One real generation, so the first client request does not pay for lazy initialisation."""
         return self.generate([warmup_image()], ["what colour is the shape?"], [max_new_tokens])[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _accepts_options(function: Any) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD or p.name == "stopping_criteria" for p in parameters)
+
+
+def _takes_options(generate_ids: Any) -> bool:
+    """Does this `generate_ids` take generation options? `LoadedModel.generate_ids` does; a loader's wrapper
+    written for the older `(batch, max_new_tokens)` signature is called without them (its batches then run to
+    their end when every row is cancelled, as before)."""
+    return _accepts_options(getattr(generate_ids, "__func__", generate_ids))
 
 
 class _AllCancelled(StoppingCriteria):

@@ -526,3 +526,35 @@ def test_a_plain_batch_ends_once_every_row_is_cancelled_and_not_before(direct: L
         assert len(steps) == 3  # the criterion, checked after each step's token, ends it right there
     finally:
         handle.remove()
+
+
+def test_a_cancel_flag_reaches_the_childs_row_at_once_and_a_late_hook_leaves_the_next_batch_alone(
+        model_dirs: ModelDirs) -> None:
+    """WorkItem's CancelFlag sets its row's flag when it is set (no polling); a hook from an earlier batch that
+    fires after the next batch began does not touch the new batch's rows."""
+    from service.batching.work import CancelFlag
+
+    runner = _process_runner(model_dirs.eas)
+    try:
+        first, second = _Item(None, 2), _Item(None, 2)
+        first.cancelled, second.cancelled = CancelFlag(), CancelFlag()
+        runner._batch_message([first, second])
+        watched, pushed = runner._watch([first, second])
+        assert pushed and not runner._flags[1]
+        second.cancelled.set()
+        assert runner._flags[1] and not runner._flags[0]
+        stale = watched[0][1]  # first's hook, as a cancellation racing the end of its batch would still hold it
+        runner._unwatch(watched)
+        first.cancelled.set()
+        assert not runner._flags[0]  # unwatched: nothing
+        runner._batch_message([_Item(None, 2)])  # the next batch
+        stale()
+        assert not runner._flags[0]
+        late = _Item(None, 2)
+        late.cancelled = CancelFlag()
+        late.cancelled.set()  # cancelled before its batch started: set the moment it is watched
+        runner._batch_message([late])
+        assert runner._watch([late])[1] and runner._flags[0]
+        assert not runner._watch([_Item(None, 2)])[1]  # a plain Event: copied by polling instead
+    finally:
+        runner.close()
