@@ -384,34 +384,45 @@ def test_the_child_dies_with_its_parent(model_dirs: ModelDirs, tmp_path: Path) -
 
 @pytest.mark.anyio
 async def test_a_lone_request_is_sent_from_the_event_loop_and_others_go_through_the_worker(
-        model_dirs: ModelDirs, direct: LoadedModel) -> None:
+        served, model_dirs: ModelDirs, direct: LoadedModel) -> None:
     """One request at a time reaches the child from the loop; requests that find the variant busy queue for
     the worker, which never runs beside a batch sent from the loop. Negative control: with the setting off,
     nothing is sent from the loop and the answers are the same."""
     pngs = [image_bytes((200, 30, 30)), image_bytes((30, 160, 30), (64, 48), shape="rectangle"),
             image_bytes((30, 30, 200), (40, 56))]
     expected = [direct.answer([Image.open(io.BytesIO(png))], [QUESTION], 6)[0] for png in pngs]
-    counts = {}
-    for setting in (True, False):
-        settings = make_settings(model_dirs, baseline_path=None, load_baseline=False, model_process=True,
-                                 device="cpu", dtype="fp32", dispatch_from_loop=setting)
-        async with running_app(settings) as (app, client):
-            batcher = app.state.service.registry.get("eas").batcher
 
-            async def ask(png: bytes, client: Any = client) -> str:
-                response = await client.post("/v1/answer", json={
-                    "image": _url(png).split(",", 1)[1], "question": QUESTION, "max_new_tokens": 6})
-                assert response.status_code == 200, response.text
-                return response.json()["answer"]
+    async def counts(app: Any, client: Any) -> tuple[int, int]:
+        batcher = app.state.service.registry.get("eas").batcher
 
-            one_by_one = [await ask(png) for png in pngs]
-            lone = batcher.sent_from_loop
-            together = await asyncio.gather(*(ask(png) for png in pngs))
-            counts[setting] = (lone, batcher.sent_from_loop - lone)
+        async def ask(png: bytes) -> str:
+            response = await client.post("/v1/answer", json={
+                "image": _url(png).split(",", 1)[1], "question": QUESTION, "max_new_tokens": 6})
+            assert response.status_code == 200, response.text
+            return response.json()["answer"]
+
+        before = batcher.sent_from_loop
+        one_by_one = [await ask(png) for png in pngs]
+        lone = batcher.sent_from_loop
+        together = await asyncio.gather(*(ask(png) for png in pngs))
         assert one_by_one == expected and list(together) == expected
-    assert counts[True][0] == len(pngs)  # every lone request went from the loop
-    assert counts[True][1] < len(pngs)  # at least one of the concurrent ones found the variant busy
-    assert counts[False] == (0, 0)
+        return lone - before, batcher.sent_from_loop - lone
+
+    on = await counts(*served)  # the default setting
+    settings = make_settings(model_dirs, baseline_path=None, load_baseline=False, model_process=True,
+                             device="cpu", dtype="fp32", dispatch_from_loop=False)
+    async with running_app(settings) as pair:
+        off = await counts(*pair)
+    assert on[0] == len(pngs)  # every lone request went from the loop
+    assert on[1] < len(pngs)  # at least one of the concurrent ones found the variant busy
+    assert off == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def slow_runner(model_dirs: ModelDirs):
+    runner = _process_runner(model_dirs.eas)
+    yield runner
+    runner.close()
 
 
 async def _from_loop(runner: ProcessRunner, items: list[Any]) -> Any:
@@ -422,26 +433,23 @@ async def _from_loop(runner: ProcessRunner, items: list[Any]) -> Any:
 
 @pytest.mark.anyio
 async def test_a_batch_from_the_loop_streams_cancels_and_holds_the_child_until_it_is_over(
-        model_dirs: ModelDirs) -> None:
-    runner = _process_runner(model_dirs.eas)
-    try:
-        features = runner.model.prepare_one(Image.open(io.BytesIO(image_bytes())), QUESTION)
-        assert not runner.submit([_Item(features, 2)], lambda outcome: None)  # not started yet: the worker's job
-        await asyncio.to_thread(runner.run_batch, [_Item(features, 2)])
-        got: list[str] = []
-        cancel_me = _Item(features, 40, sink=lambda delta: (got.append(delta), cancel_me.cancelled.set()))
-        future = asyncio.get_running_loop().create_future()
-        assert runner.submit([cancel_me], future.set_result)
-        assert not runner.submit([_Item(features, 2)], lambda outcome: None)  # one batch at a time
-        worker = asyncio.ensure_future(asyncio.to_thread(runner.run_batch, [_Item(features, 3)]))
-        (cancelled,) = await asyncio.wait_for(future, 60)
-        assert got and cancelled.finish_reason == "cancelled" and cancelled.completion_tokens < 40
-        (after,) = await asyncio.wait_for(worker, 60)  # the worker's batch waited for the lock, then ran
-        assert after.completion_tokens >= 1
-        (again,) = await _from_loop(runner, [_Item(features, 2)])
-        assert again.completion_tokens >= 1
-    finally:
-        await asyncio.to_thread(runner.close)
+        slow_runner: ProcessRunner) -> None:
+    runner = slow_runner
+    features = runner.model.prepare_one(Image.open(io.BytesIO(image_bytes())), QUESTION)
+    assert not runner._ready and not runner.submit([_Item(features, 2)], lambda outcome: None)  # the worker's job
+    await asyncio.to_thread(runner.run_batch, [_Item(features, 2)])  # waits for the child to load
+    got: list[str] = []
+    cancel_me = _Item(features, 40, sink=lambda delta: (got.append(delta), cancel_me.cancelled.set()))
+    future = asyncio.get_running_loop().create_future()
+    assert runner.submit([cancel_me], future.set_result)
+    assert not runner.submit([_Item(features, 2)], lambda outcome: None)  # one batch at a time
+    worker = asyncio.ensure_future(asyncio.to_thread(runner.run_batch, [_Item(features, 3)]))
+    (cancelled,) = await asyncio.wait_for(future, 60)
+    assert got and cancelled.finish_reason == "cancelled" and cancelled.completion_tokens < 40
+    (after,) = await asyncio.wait_for(worker, 60)  # the worker's batch waited for the lock, then ran
+    assert after.completion_tokens >= 1
+    (again,) = await _from_loop(runner, [_Item(features, 2)])
+    assert again.completion_tokens >= 1
 
 
 @pytest.mark.anyio
@@ -468,8 +476,7 @@ async def test_a_dead_or_stuck_child_fails_the_batch_from_the_loop_and_the_next_
         os.kill(dying, signal.SIGKILL)
         outcome = await asyncio.wait_for(future, 30)
         assert isinstance(outcome, ModelProcessError) and "exited during a batch" in str(outcome)
-        assert len(await asyncio.to_thread(runner.run_batch, [_Item(features, 2)])) == 1
-        assert runner.restarts == 2
+        assert runner.pid is None and runner.restarts == 1  # gone; the next batch starts one, as after `stuck`
     finally:
         await asyncio.to_thread(runner.close)
 
@@ -529,32 +536,30 @@ def test_a_plain_batch_ends_once_every_row_is_cancelled_and_not_before(direct: L
 
 
 def test_a_cancel_flag_reaches_the_childs_row_at_once_and_a_late_hook_leaves_the_next_batch_alone(
-        model_dirs: ModelDirs) -> None:
+        slow_runner: ProcessRunner) -> None:
     """WorkItem's CancelFlag sets its row's flag when it is set (no polling); a hook from an earlier batch that
     fires after the next batch began does not touch the new batch's rows."""
     from service.batching.work import CancelFlag
 
-    runner = _process_runner(model_dirs.eas)
-    try:
-        first, second = _Item(None, 2), _Item(None, 2)
-        first.cancelled, second.cancelled = CancelFlag(), CancelFlag()
-        runner._batch_message([first, second])
-        watched, pushed = runner._watch([first, second])
-        assert pushed and not runner._flags[1]
-        second.cancelled.set()
-        assert runner._flags[1] and not runner._flags[0]
-        stale = watched[0][1]  # first's hook, as a cancellation racing the end of its batch would still hold it
-        runner._unwatch(watched)
-        first.cancelled.set()
-        assert not runner._flags[0]  # unwatched: nothing
-        runner._batch_message([_Item(None, 2)])  # the next batch
-        stale()
-        assert not runner._flags[0]
-        late = _Item(None, 2)
-        late.cancelled = CancelFlag()
-        late.cancelled.set()  # cancelled before its batch started: set the moment it is watched
-        runner._batch_message([late])
-        assert runner._watch([late])[1] and runner._flags[0]
-        assert not runner._watch([_Item(None, 2)])[1]  # a plain Event: copied by polling instead
-    finally:
-        runner.close()
+    runner = slow_runner
+    first, second = _Item(None, 2), _Item(None, 2)
+    first.cancelled, second.cancelled = CancelFlag(), CancelFlag()
+    runner._batch_message([first, second])
+    watched, pushed = runner._watch([first, second])
+    assert pushed and not runner._flags[1]
+    second.cancelled.set()
+    assert runner._flags[1] and not runner._flags[0]
+    stale = watched[0][1]  # first's hook, as a cancellation racing the end of its batch would still hold it
+    runner._unwatch(watched)
+    first.cancelled.set()
+    assert not runner._flags[0]  # unwatched: nothing
+    runner._batch_message([_Item(None, 2)])  # the next batch
+    stale()
+    assert not runner._flags[0]
+    late = _Item(None, 2)
+    late.cancelled = CancelFlag()
+    late.cancelled.set()  # cancelled before its batch started: set the moment it is watched
+    runner._batch_message([late])
+    assert runner._watch([late])[1] and runner._flags[0]
+    assert not runner._watch([_Item(None, 2)])[1]  # a plain Event: copied by polling instead
+    runner._batch_message([])  # leave the flags as a finished batch would
