@@ -70,13 +70,13 @@ from service.runner.threads import ThreadBudget
 
 log = logging.getLogger(__name__)
 
-# How often the waiting parent copies cancellations into the shared flags (a cancelled row stops at the
-# child's next decode step after that).
+# How often the waiting parent copies into the shared flags the cancellations of requests that cannot tell it
+# themselves (a plain Event instead of a WorkItem's CancelFlag: warm-up, tests' stand-ins).
 CANCEL_POLL_S = 0.01
-# How often the parent looks at a batch whose every request tells it of its cancellation itself (a WorkItem's
-# CancelFlag): only to notice a stuck child, so rarely. Waking every CANCEL_POLL_S meant taking the interpreter
-# lock from the event loop and the preprocessing threads ~6 times per batch at 16 clients; without those
-# wake-ups eas-serve answered 1.01x, 1.08x and 1.08x the requests in three alternating rounds (docs/serving.md).
+# How often it looks at a batch whose every request tells it of its cancellation itself (CancelFlag hooks): only
+# to notice a stuck child, so rarely. Each wake-up takes the interpreter lock from the event loop and the
+# preprocessing threads (~6 per batch at 16 clients with CANCEL_POLL_S); the throughput gain of fewer of them
+# was within this machine's spread when measured (docs/serving.md, "Peers").
 WATCHED_POLL_S = 0.5
 START_TIMEOUT_S = 600.0  # loading a large model from a slow disk
 STOP_TIMEOUT_S = 5.0
@@ -537,7 +537,8 @@ def _stuck_at(items: list[Any]) -> float:
 class _LoopExchange:
     """One batch sent from the event loop (ProcessRunner.submit), watched there as `_exchange` watches a batch
     on the worker: the reply is read when the socket is readable, streamed deltas go to their sinks, each
-    request's cancellation is copied to the child every CANCEL_POLL_S, and a stuck or dead child is killed.
+    request's cancellation reaches the child (at once through its CancelFlag, else by polling every
+    CANCEL_POLL_S), and a stuck or dead child is killed.
     The runner's lock, taken by `submit`, is held until the batch is over."""
 
     def __init__(self, runner: ProcessRunner, conn: Connection, items: list[Any],
