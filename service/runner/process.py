@@ -444,7 +444,14 @@ class ProcessRunner(ModelRunner):
                 if message[0] == "delta":
                     sink = items[message[1]].sink
                     if sink is not None:
-                        sink(message[2])
+                        try:
+                            sink(message[2])
+                        except Exception as exc:
+                            # The child goes on with the batch, and its reply would be read as the next
+                            # batch's: it goes too, and the next batch starts a new one.
+                            self._kill()
+                            raise ModelProcessGone(f"a streamed request's sink failed ({exc!r}); the model "
+                                                   "process was stopped with its batch") from exc
                 elif message[0] == "done":
                     return self._done(message)
                 else:

@@ -451,6 +451,15 @@ async def test_a_batch_from_the_loop_streams_cancels_and_holds_the_child_until_i
     (again,) = await _from_loop(runner, [_Item(features, 2)])
     assert again.completion_tokens >= 1
 
+    def broken(delta: str) -> None:
+        raise RuntimeError("the event loop is closed")
+
+    # A sink that raises (its loop gone) on the worker's path: the child, which would go on and send this
+    # batch's reply to the next one, is stopped with it. (The module's later test needs no child.)
+    with pytest.raises(ModelProcessError, match="sink failed"):
+        await asyncio.to_thread(runner.run_batch, [_Item(features, 8, sink=broken)])
+    assert runner.pid is None
+
 
 @pytest.mark.anyio
 async def test_a_dead_or_stuck_child_fails_the_batch_from_the_loop_and_the_next_batch_restarts_it(
