@@ -412,11 +412,38 @@ class ProcessRunner(ModelRunner):
         for flag, hook in watched:
             flag.unwatch(hook)
 
-    def _done(self, message: tuple[Any, ...]) -> list[Generation]:
-        reducer = token_reducer(self.model.model)
-        if reducer is not None and message[2] is not None:
-            reducer.last_prompt_tokens = message[2]  # the child's, for /info
-        return list(message[1])
+    def _copy_cancellations(self, items: list[Any]) -> None:
+        """For requests whose cancellation does not reach the child by itself (`_watch`)."""
+        for k, item in enumerate(items):
+            if item.cancelled.is_set():
+                self._flags[k] = True
+
+    def _on_message(self, items: list[Any], message: tuple[Any, ...]) -> list[Generation] | None:
+        """One message of the child about a batch: a streamed delta (None: more to come), its generations, or
+        ModelProcessError (the batch failed in the child, which lives on) or ModelProcessGone (a sink raised:
+        the child, which would go on and send this batch's reply to the next one, is stopped with it)."""
+        if message[0] == "delta":
+            sink = items[message[1]].sink
+            if sink is not None:
+                try:
+                    sink(message[2])
+                except Exception as exc:
+                    self._kill()
+                    raise ModelProcessGone(f"a streamed request's sink failed ({exc!r}); the model process was "
+                                           "stopped with its batch") from exc
+            return None
+        if message[0] == "done":
+            reducer = token_reducer(self.model.model)
+            if reducer is not None and message[2] is not None:
+                reducer.last_prompt_tokens = message[2]  # the child's, for /info
+            return list(message[1])
+        raise ModelProcessError(f"the model process failed the batch:\n{message[1]}")
+
+    def _gone(self) -> ModelProcessGone:
+        """The child died during a batch (its end of the socket closed)."""
+        code = self._process.poll() if self._process is not None else None
+        return ModelProcessGone(f"the model process exited during a batch (exit code {code}); the next batch "
+                                "starts a new one")
 
     def _exchange(self, items: list[Any]) -> list[Generation]:
         conn = self._conn
@@ -429,38 +456,21 @@ class ProcessRunner(ModelRunner):
             _write(conn, payload)
             while True:
                 if not pushed:
-                    for k, item in enumerate(items):
-                        if item.cancelled.is_set():
-                            self._flags[k] = True
+                    self._copy_cancellations(items)
                 if not conn.poll(poll_s):
                     if self._process is None or self._process.poll() is not None:
                         raise EOFError
                     if time.monotonic() > stuck_at:
                         self._kill()
-                        raise ModelProcessGone(f"the model process ran a batch {STUCK_GRACE_S:g}s past its "
-                                                "last deadline and was killed; the next batch starts a new one")
+                        raise _stuck()
                     continue
-                message = _recv(conn)
-                if message[0] == "delta":
-                    sink = items[message[1]].sink
-                    if sink is not None:
-                        try:
-                            sink(message[2])
-                        except Exception as exc:
-                            # The child goes on with the batch, and its reply would be read as the next
-                            # batch's: it goes too, and the next batch starts a new one.
-                            self._kill()
-                            raise ModelProcessGone(f"a streamed request's sink failed ({exc!r}); the model "
-                                                   "process was stopped with its batch") from exc
-                elif message[0] == "done":
-                    return self._done(message)
-                else:
-                    raise ModelProcessError(f"the model process failed the batch:\n{message[1]}")
+                generations = self._on_message(items, _recv(conn))
+                if generations is not None:
+                    return generations
         except (EOFError, OSError):
-            code = self._process.poll() if self._process is not None else None
+            gone = self._gone()
             self._kill()
-            raise ModelProcessGone(f"the model process exited during a batch (exit code {code}); "
-                                    "the next batch starts a new one") from None
+            raise gone from None
         finally:
             self._unwatch(watched)
 
@@ -532,6 +542,11 @@ class ProcessRunner(ModelRunner):
                 process.wait(STOP_TIMEOUT_S)
 
 
+def _stuck() -> ModelProcessGone:
+    return ModelProcessGone(f"the model process ran a batch {STUCK_GRACE_S:g}s past its last deadline and was "
+                            "killed; the next batch starts a new one")
+
+
 def _stuck_at(items: list[Any]) -> float:
     """When a batch's child counts as stuck: every row's deadline past (its flag set, so the child should have
     stopped it at its next step) and STUCK_GRACE_S more; it is then stuck in one step (a hung kernel, a
@@ -566,21 +581,14 @@ class _LoopExchange:
     def _readable(self) -> None:
         try:
             while not self.over and self.conn.poll(0):
-                message = _recv(self.conn)
-                if message[0] == "delta":
-                    sink = self.items[message[1]].sink
-                    if sink is not None:
-                        sink(message[2])
-                elif message[0] == "done":
-                    self._end(self.runner._done(message))
-                else:
-                    self._end(ModelProcessError(f"the model process failed the batch:\n{message[1]}"))
+                generations = self.runner._on_message(self.items, _recv(self.conn))
+                if generations is not None:
+                    self._end(generations)
+        except ModelProcessError as exc:  # the child failed the batch, or a sink raised (the child is stopped)
+            self._end(exc)
         except (EOFError, OSError):
-            process = self.runner._process
-            code = process.poll() if process is not None else None
-            self._end(ModelProcessGone(f"the model process exited during a batch (exit code {code}); the next "
-                                       "batch starts a new one"), kill=True)
-        except Exception as exc:  # a reply that does not unpickle, a sink that raised: the stream's state is unknown
+            self._end(self.runner._gone(), kill=True)
+        except Exception as exc:  # a reply that does not unpickle: the stream's state is unknown
             self._end(ModelProcessError(f"reading the model process's reply failed: {exc!r}"), kill=True)
 
     def _tick(self) -> None:
@@ -590,12 +598,9 @@ class _LoopExchange:
             self._end(ModelProcessGone("the model process was stopped during a batch"))
             return
         if not self.pushed:
-            for k, item in enumerate(self.items):
-                if item.cancelled.is_set():
-                    self.runner._flags[k] = True
+            self.runner._copy_cancellations(self.items)
         if time.monotonic() > self.stuck_at:
-            self._end(ModelProcessGone(f"the model process ran a batch {STUCK_GRACE_S:g}s past its last deadline "
-                                       "and was killed; the next batch starts a new one"), kill=True)
+            self._end(_stuck(), kill=True)
             return
         self.timer = self.loop.call_later(self.poll_s, self._tick)
 
