@@ -56,8 +56,10 @@ def _isolate_failure(exc: Exception) -> bool:
 
 
 def default_loader(info: VariantInfo, settings: Settings) -> LoadedModel:
-    return load_model(info.path, device=settings.device, dtype=settings.dtype, name=info.model,
-                      verify=not info.verified)
+    loaded = load_model(info.path, device=settings.device, dtype=settings.dtype, name=info.model,
+                        verify=not info.verified)
+    loaded.decode_loop = settings.decode_loop
+    return loaded
 
 
 def uses_model_process(settings: Settings, loader: Loader) -> bool:

@@ -90,6 +90,14 @@ class Settings(BaseSettings):
                           "service/batching/batcher.py).",
     )
 
+    decode_loop: Literal["auto", "eas", "transformers"] = Field(
+        "auto", description="Which decode loop generation runs (EAS_DECODE_LOOP): `eas` is the project's own "
+                            "(eas/model/decoding.py: transformers' greedy loop with the per-call set-up done once "
+                            "per model, exact), `transformers` is `model.generate`, `auto` is `eas` on the CPU "
+                            "(where it was measured) and `transformers` on a GPU. Options the project's loop does "
+                            "not run (beams, for one) always go to `model.generate`.",
+    )
+
     # --- following the registry's active version (issue 16; service/runner/follower.py) --------------
     # The registry itself is chosen by EAS_REGISTRY_URL, which the store reads (model_store/registry.py), so
     # the server, its conversion workers and the CLI all open the same one.

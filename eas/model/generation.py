@@ -60,7 +60,10 @@ from typing import Any, Literal
 import torch
 from transformers import BatchFeature, LogitsProcessor, PreTrainedModel, StoppingCriteria
 
+from eas.model import decoding
+
 FinishReason = Literal["stop", "length", "cancelled"]
+DecodeLoop = Literal["auto", "eas", "transformers"]
 
 
 # What torch.Generator.manual_seed accepts: a seed outside it is refused before any work starts.
@@ -259,7 +262,7 @@ def _row_options(n: int, rows: Sequence[RowOptions] | None, defaults: RowOptions
 
 def _run(model: PreTrainedModel, batch: BatchFeature | dict, max_new_tokens: int, *, rows: Sequence[RowOptions] | None,
          defaults: RowOptions, tokenizer: Any, on_step: Callable[[StepEvent], Iterable[int] | None] | None,
-         control: bool, kwargs: dict[str, Any]) -> tuple[Any, _RowController | None]:
+         control: bool, kwargs: dict[str, Any], loop: DecodeLoop = "auto") -> tuple[Any, _RowController | None]:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     n, prompt_len = batch["input_ids"].shape[:2]
@@ -287,21 +290,36 @@ def _run(model: PreTrainedModel, batch: BatchFeature | dict, max_new_tokens: int
         kwargs["logits_processor"] = processors
         kwargs["stopping_criteria"] = criteria
         max_new_tokens = max(r.limit for r in state)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
+    if _own_loop(model, batch, kwargs, loop):
+        prepared = decoding.decoder(model)
+        out = prepared.generate(batch, max_new_tokens, kwargs.get("logits_processor"), kwargs.get("stopping_criteria"))
+    else:
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
     return out, controller
+
+
+def _own_loop(model: PreTrainedModel, batch: BatchFeature | dict, kwargs: dict[str, Any], loop: DecodeLoop) -> bool:
+    """Run this call through eas.model.decoding? "auto": where it applies, on the CPU (where its saving was
+    measured); "eas": wherever it applies; "transformers": never."""
+    if loop not in ("auto", "eas", "transformers"):
+        raise ValueError(f"loop must be 'auto', 'eas' or 'transformers', got {loop!r}")
+    if loop == "transformers" or (loop == "auto" and model.device.type != "cpu"):
+        return False
+    return decoding.applies(model, batch, kwargs)
 
 
 def generate(model: PreTrainedModel, batch: BatchFeature | dict, max_new_tokens: int = 8,
              plan: object | None = None, *, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              seed: int | None = None, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
              rows: Sequence[RowOptions] | None = None, tokenizer: Any = None,
-             on_step: Callable[[StepEvent], Iterable[int] | None] | None = None, **kwargs: Any) -> Any:
+             on_step: Callable[[StepEvent], Iterable[int] | None] | None = None, loop: DecodeLoop = "auto",
+             **kwargs: Any) -> Any:
     """Ids with the prompt (see the module docstring). `plan` is accepted for symmetry; a converted
     model's own recorded plan is authoritative."""
     defaults = RowOptions(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
                           stop=tuple(stop), stop_token_ids=tuple(stop_token_ids))
     out, controller = _run(model, batch, max_new_tokens, rows=rows, defaults=defaults, tokenizer=tokenizer,
-                           on_step=on_step, control=False, kwargs=dict(kwargs))
+                           on_step=on_step, control=False, kwargs=dict(kwargs), loop=loop)
     if controller is not None:
         # transformers pads finished rows only when the model has an EOS id; pad what a row made after its end.
         sequences = out.sequences if hasattr(out, "sequences") else out
@@ -318,14 +336,14 @@ def generate_rows(model: PreTrainedModel, batch: BatchFeature | dict, max_new_to
                   stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
                   rows: Sequence[RowOptions] | None = None, tokenizer: Any = None,
                   on_step: Callable[[StepEvent], Iterable[int] | None] | None = None,
-                  **kwargs: Any) -> list[RowResult]:
+                  loop: DecodeLoop = "auto", **kwargs: Any) -> list[RowResult]:
     """One `RowResult` per batch row (see the module docstring)."""
     if kwargs.get("return_dict_in_generate"):
         raise ValueError("generate_rows returns RowResults; use generate for transformers' output object")
     defaults = RowOptions(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
                           stop=tuple(stop), stop_token_ids=tuple(stop_token_ids))
     _, controller = _run(model, batch, max_new_tokens, rows=rows, defaults=defaults, tokenizer=tokenizer,
-                         on_step=on_step, control=True, kwargs=dict(kwargs))
+                         on_step=on_step, control=True, kwargs=dict(kwargs), loop=loop)
     assert controller is not None
     return [controller.result(i) for i in range(len(controller.rows))]
 

@@ -34,6 +34,9 @@ class LoadedModel:
     plan: SkipPlan | None = None  # set for EAS-converted models
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    # Which decode loop generation runs (eas.model.generation, `loop`): "auto" is the project's own
+    # (eas.model.decoding) on the CPU wherever it is exact, transformers' `generate` elsewhere.
+    decode_loop: str = "auto"
 
     def prepare_one(self, image: Image.Image, question: str) -> BatchFeature:
         """Processor inputs of one request, unpadded, on the CPU: the part of `prepare` that depends on
@@ -95,7 +98,8 @@ class LoadedModel:
         `eas.model.generation.generate` (e.g. `stopping_criteria`)."""
         from eas.model.generation import generate  # EAS-aware: pooling state and KV-cache layout
 
-        out = generate(self.model, batch, max_new_tokens=max_new_tokens, plan=self.plan, **options)
+        out = generate(self.model, batch, max_new_tokens=max_new_tokens, plan=self.plan, loop=self.decode_loop,
+                       **options)
         return out[:, batch["input_ids"].shape[1] :]
 
     def decode(self, ids: torch.Tensor) -> list[str]:

@@ -11,7 +11,7 @@ import litserve as ls
 
 
 class PeerApi(ls.LitAPI):
-    """`LoadedModel.answer` over each dynamic batch LitServe forms."""
+    """`LoadedModel.answer` over each dynamic batch LitServe forms (with transformers' `model.generate`)."""
 
     def __init__(self, model_dir: Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -22,6 +22,9 @@ class PeerApi(ls.LitAPI):
 
         # LitServe names the worker's device ("cpu", or "cuda:0" with accelerator="cuda"); bf16 on a GPU
         self.model = load_model(self.model_dir, device=device, dtype="auto")
+        from eas_tools.bench.peers import peer_decode_loop
+
+        self.model.decode_loop = peer_decode_loop()  # transformers' generate, unless --peer-loop says otherwise
 
     def decode_request(self, request: dict[str, Any]) -> tuple[Any, str, int]:
         from eas_tools.bench.peers import decode_body

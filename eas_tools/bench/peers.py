@@ -13,6 +13,10 @@ answers the same JSON body `{"image": base64, "question": ..., "max_new_tokens":
 - `litserve`: a `LitAPI` with dynamic batching (`--max-batch`, `--litserve-timeout-ms`), one worker.
 - `naive`: FastAPI with one endpoint that runs `LoadedModel.answer` for one request at a time.
 
+eas-serve generates with its own decode loop (eas/model/decoding.py: transformers' greedy loop, its
+per-call set-up done once per model; exact); the peers with transformers' `model.generate`, as their users
+write them (`--peer-loop eas` gives them eas-serve's loop, to tell the two effects apart).
+
 First every server answers the same request list one by one and the answers are compared (identity).
 Then, per round, for each client count every server gets the same closed-loop load for `--duration`
 seconds, cut into `--slices` turns that alternate between the servers (the first server rotates each
@@ -56,6 +60,7 @@ COLOURS = [(200, 30, 30), (30, 160, 30), (30, 30, 200), (220, 200, 30), (120, 60
 OLD_THREADS = "EAS_BENCH_SKIP_CPU_SETUP"  # the server skips service/cpu.py's set-up (the old behaviour)
 TREE = "EAS_BENCH_TREE"  # eas-serve@tree=PATH: that server's working directory (another checkout's code)
 SWITCH_INTERVAL = "EAS_BENCH_SWITCH_INTERVAL_MS"  # eas-serve@si=<ms>: sys.setswitchinterval in that server
+PEER_LOOP = "EAS_BENCH_PEER_LOOP"  # the peers' decode loop (peer_decode_loop)
 QUESTIONS = ["what colour is the shape?", "what shape is in the image?", "is there a circle?",
              "what is the colour of the shape?"]
 
@@ -116,6 +121,13 @@ def _serve_eas(port: int, model_dir: Path, max_batch: int, window_ms: float, dev
     DrainingServer(config, app.state.service).run()
 
 
+def peer_decode_loop() -> str:
+    """The peers' generation loop: transformers' own `model.generate`, as a LitServe or FastAPI +
+    transformers user writes it; `--peer-loop eas` gives them eas-serve's (eas/model/decoding.py) instead,
+    to tell the loop's share of a difference from the serving layer's."""
+    return os.environ.get(PEER_LOOP, "transformers")
+
+
 def decode_body(body: dict[str, Any]) -> tuple[Any, str, int]:
     from PIL import Image
 
@@ -143,6 +155,7 @@ def _serve_naive(port: int, model_dir: Path, device: str = "cpu") -> None:
     from eas.model.loading import load_model
 
     model = load_model(model_dir, device=device, dtype="auto")
+    model.decode_loop = peer_decode_loop()
     lock = threading.Lock()  # one request at a time: no batching, no concurrent use of the model
     app = FastAPI()
 
@@ -213,6 +226,8 @@ def _variant(spec: str, args: argparse.Namespace) -> tuple[str, argparse.Namespa
         env[key] = value or "1"
     elif extra.startswith("tree="):
         env[TREE] = str(Path(extra.removeprefix("tree=")).resolve())
+    if name != "eas-serve":
+        env[PEER_LOOP] = getattr(args, "peer_loop", "transformers")
     return name, args, spec, env
 
 
@@ -522,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--window-ms", type=float, default=5.0, help="eas-serve's max batch wait")
     parser.add_argument("--litserve-timeout-ms", type=float, default=5.0, help="LitServe's batch_timeout")
+    parser.add_argument("--peer-loop", choices=["transformers", "eas"], default="transformers",
+                        help="the peers' decode loop: transformers' model.generate (what their users write), or "
+                             "eas-serve's own (eas/model/decoding.py), to separate the loop from the serving layer")
     parser.add_argument("--cotenant", action="store_true", help="eas-serve's threads beside a busy neighbour")
     parser.add_argument("--no-neighbour", action="store_true",
                         help="with --cotenant: the same thread set-ups without the neighbour (the control)")

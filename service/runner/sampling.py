@@ -77,7 +77,8 @@ def generate_controlled(model: LoadedModel, batch: BatchFeature, rows: list[RowC
                           stop=r.sampling.stop, stop_token_ids=r.sampling.stop_token_ids) for r in rows]
     with torch.inference_mode():
         results = generate_rows(model.model, batch, max(r.max_new_tokens for r in rows), rows=options,
-                                tokenizer=getattr(model.processor, "tokenizer", model.processor), on_step=on_step)
+                                tokenizer=getattr(model.processor, "tokenizer", model.processor), on_step=on_step,
+                                loop=model.decode_loop)
     for row, result in zip(rows, results, strict=True):
         row.tokens, row.finish_reason = result.token_ids, result.finish_reason
         row.text = (result.text or "").strip()

@@ -104,3 +104,32 @@ def test_a_bad_store_version_is_refused_before_anything_loads(store: ModelStore,
     (other.path / MANIFEST_NAME).unlink()  # the loader alone would accept a directory without a manifest
     with pytest.raises(ModelFilesError, match=MANIFEST_NAME):
         store_variants(store, "other")
+
+
+def test_the_decode_loop_setting_reaches_the_loaded_model(model_dirs: ModelDirs,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """EAS_DECODE_LOOP: `auto` and `eas` run the project's loop on the CPU, `transformers` runs
+    `model.generate`; the answers are the same."""
+    from PIL import Image
+
+    from eas.model import decoding
+
+    runs: list[str] = []
+    real = decoding.Decoder.generate
+
+    def counted(self, *args, **kwargs):
+        runs.append("eas")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(decoding.Decoder, "generate", counted)
+    [info] = resolve_variants(Settings(model_path=model_dirs.eas))
+    answers = {}
+    for loop in ("auto", "transformers", "eas"):
+        runs.clear()
+        loaded = default_loader(info, Settings(device="cpu", dtype="fp32", decode_loop=loop))
+        assert loaded.decode_loop == loop
+        answers[loop] = loaded.answer([Image.new("RGB", (40, 40), "red")], ["what colour is the shape?"], 6)
+        assert runs == ([] if loop == "transformers" else ["eas"])
+    assert answers["auto"] == answers["transformers"] == answers["eas"]
+    with pytest.raises(ValueError, match="decode_loop"):
+        Settings(decode_loop="fast")
