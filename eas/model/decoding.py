@@ -49,7 +49,8 @@ class Decoder:
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
-        self._source = dict(vars(model.generation_config))
+        # A deep copy: a list in the config changed in place (suppress_tokens.append) must count as a change.
+        self._source = copy.deepcopy(vars(model.generation_config))
         # What `generate` derives from the model's own generation config for a greedy call without options.
         self.config, unused = model._prepare_generation_config(None, do_sample=False)
         parameters = set(inspect.signature(model.forward).parameters)

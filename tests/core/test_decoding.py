@@ -147,6 +147,18 @@ def test_generation_config_changes_are_followed() -> None:
     model.generation_config.repetition_penalty = 3.0
     assert decoding.decoder(model) is not first
     assert_same(model, batch)
+    original = model.generation_config.suppress_tokens
+    model.generation_config.suppress_tokens = [1]
+    prepared = decoding.decoder(model)
+    model.generation_config.suppress_tokens.append(2)  # changed in place: still a change
+    assert decoding.decoder(model) is not prepared
+    assert_same(model, batch)
+    model.generation_config.suppress_tokens = original
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = int(before[0, batch["input_ids"].shape[1]])  # row 0's first token
+    assert not torch.equal(generate(model, batch, max_new_tokens=NEW, loop="eas"), before)
+    assert_same(model, batch)
+    model.generation_config.eos_token_id = eos
     model.generation_config.num_beams = 2  # another generation mode: transformers' generate runs it
     assert decoding.decoder(model).reason == "generation mode beam_search"
     model.generation_config.num_beams = 1
