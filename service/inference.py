@@ -79,7 +79,7 @@ async def infer(
             prepared = await service.preprocessor.prepare(
                 served.runner.model, image_bytes, question, limits=limits,
                 max_prompt_tokens=service.settings.max_prompt_tokens, deadline=deadline,
-                alone=served.batcher.alone())
+                alone=served.batcher.alone(), pack=getattr(served.runner, "pack", None))
         except DeadlineExceeded:
             raise _starved(request) from None  # admitted, then waited out its deadline before decoding
         decode_s = prepared.decode_s + prepared.processor_s

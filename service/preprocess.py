@@ -31,6 +31,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,7 @@ class Prepared:
     """One request, ready to be batched."""
 
     image: Image.Image  # RGB, no larger than the model needs (the shadow mirror re-uses it)
-    features: Any  # LoadedModel.prepare_one's BatchFeature, on the CPU
+    features: Any  # LoadedModel.prepare_one's BatchFeature, on the CPU (packed for a model process: `pack`)
     tokens: int  # prompt length in tokens, image tokens included
     decode_s: float
     processor_s: float
@@ -109,10 +110,13 @@ class Preprocessor:
         self.retry_after_s = retry_after_s
 
     async def prepare(self, model: LoadedModel, data: bytes, question: str, *, limits: ImageLimits,
-                      max_prompt_tokens: int, deadline: float, alone: bool = False) -> Prepared:
+                      max_prompt_tokens: int, deadline: float, alone: bool = False,
+                      pack: Callable[[Any], Any] | None = None) -> Prepared:
         """`alone`: the request's variant has nothing else admitted, queued or running. With nothing in the
-        pool either, a small image is prepared right here on the event loop (INLINE_BYTES)."""
-        args = (model, data, question, limits, max_prompt_tokens, deadline)
+        pool either, a small image is prepared right here on the event loop (INLINE_BYTES). `pack`: the
+        runner's serialisation of the features (a model process's `ProcessRunner.pack`), done here, off the
+        batch worker's path between two batches."""
+        args = (model, data, question, limits, max_prompt_tokens, deadline, pack)
         if alone and self.inline_when_idle and self._pooled == 0 and len(data) <= INLINE_BYTES:
             header = open_image(data, limits)  # a small input's header: microseconds
             if header.size[0] * header.size[1] <= INLINE_PIXELS:
@@ -141,11 +145,12 @@ class Preprocessor:
             self._large_count -= 1
 
     def _prepare_unless_large(self, model: LoadedModel, data: bytes, question: str, limits: ImageLimits,
-                              max_prompt_tokens: int, deadline: float) -> Prepared | None:
+                              max_prompt_tokens: int, deadline: float,
+                              pack: Callable[[Any], Any] | None = None) -> Prepared | None:
         header = open_image(data, limits)
         if header.size[0] * header.size[1] > self.large_pixels:
             return None
-        return self._prepare(model, data, question, limits, max_prompt_tokens, deadline, header=header)
+        return self._prepare(model, data, question, limits, max_prompt_tokens, deadline, pack, header=header)
 
     def _prepare_large(self, *args: Any) -> Prepared:
         try:
@@ -165,7 +170,8 @@ class Preprocessor:
                      headers={"Retry-After": str(self.retry_after_s)})
 
     def _prepare(self, model: LoadedModel, data: bytes, question: str, limits: ImageLimits,
-                 max_prompt_tokens: int, deadline: float, header: Image.Image | None = None) -> Prepared:
+                 max_prompt_tokens: int, deadline: float, pack: Callable[[Any], Any] | None = None,
+                 header: Image.Image | None = None) -> Prepared:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before its image was decoded")
         check_plain_question(model, question)
@@ -193,8 +199,8 @@ class Preprocessor:
         if tokens > limit:
             raise ValidationFailed(f"the prompt is {tokens} tokens after processing (question and image); the "
                                    f"limit is {limit} tokens", code="prompt_too_long", param="question")
-        return Prepared(image=image, features=features, tokens=tokens, decode_s=t1 - t0,
-                        processor_s=time.perf_counter() - t1)
+        return Prepared(image=image, features=pack(features) if pack is not None else features, tokens=tokens,
+                        decode_s=t1 - t0, processor_s=time.perf_counter() - t1)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -26,7 +26,7 @@ from transformers import BatchFeature
 from eas.model.loading import LoadedModel, load_model
 from service.batching.work import Sampling
 from service.lifecycle import default_loader, uses_model_process
-from service.runner.process import ModelProcessError, ProcessRunner, from_wire, to_wire
+from service.runner.process import ModelProcessError, Packed, ProcessRunner, from_wire, pack, to_wire, unpack
 from service.runner.runner import VariantInfo
 from service.runner.threads import ThreadBudget
 from service.settings import Settings
@@ -115,17 +115,23 @@ def test_tensors_cross_as_arrays_and_come_back_equal() -> None:
         "pixel_values": torch.randn(1, 3, 8, 8, generator=generator).to(torch.bfloat16),
         "image_sizes": [torch.tensor([8, 8]), (torch.ones(2, dtype=torch.float16), "text")],
     })
-    back = from_wire(to_wire(value))
+    for back in (from_wire(to_wire(value)), unpack(pack(value)), unpack(to_wire(value))):
+        _assert_same_features(back, value)
+    assert isinstance(pack(value), Packed) and isinstance(pack(value).data, bytes)
+    # Negative control: a changed value does not compare equal after the trip.
+    changed = value["input_ids"].clone()
+    changed[0, 0] += 1
+    assert not torch.equal(from_wire(to_wire(changed)), value["input_ids"])
+    assert not torch.equal(unpack(pack(changed)), value["input_ids"])
+
+
+def _assert_same_features(back: Any, value: BatchFeature) -> None:
     assert isinstance(back, BatchFeature)
     assert torch.equal(back["input_ids"], value["input_ids"])
     assert back["pixel_values"].dtype == torch.bfloat16
     assert torch.equal(back["pixel_values"].view(torch.int16), value["pixel_values"].view(torch.int16))
     assert torch.equal(back["image_sizes"][0], value["image_sizes"][0])
     assert back["image_sizes"][1][0].dtype == torch.float16 and back["image_sizes"][1][1] == "text"
-    # Negative control: a changed value does not compare equal after the trip.
-    changed = value["input_ids"].clone()
-    changed[0, 0] += 1
-    assert not torch.equal(from_wire(to_wire(changed)), value["input_ids"])
 
 
 def test_tensors_that_need_detaching_or_a_copy_cross_too() -> None:
@@ -174,9 +180,14 @@ def test_a_message_is_one_frame_connection_reads_even_past_the_socket_buffer(siz
 # --- served through the child --------------------------------------------------------------------------
 
 @pytest.mark.anyio
-async def test_answers_come_from_the_child_and_equal_the_in_process_model(served, direct: LoadedModel) -> None:
+async def test_answers_come_from_the_child_and_equal_the_in_process_model(served, direct: LoadedModel,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     app, client = served
     runner = _runner(app)
+    sent: list[type] = []  # what each row's features were when its batch was sent
+    message = runner._batch_message
+    monkeypatch.setattr(runner, "_batch_message", lambda items: (sent.extend(type(i.features) for i in items),
+                                                                  message(items))[1])
     assert runner.pid is not None and runner.pid != os.getpid()
     # The parent holds no weights: it could not have computed these answers.
     assert all(p.device.type == "meta" for p in runner.model.model.parameters())
@@ -187,6 +198,8 @@ async def test_answers_come_from_the_child_and_equal_the_in_process_model(served
     for png, response in zip(cases, responses, strict=True):
         assert response.status_code == 200, response.text
         assert response.json()["answer"] == direct.answer([Image.open(io.BytesIO(png))], [QUESTION], 6)[0]
+    # Prepared requests were packed for the child where they were prepared, not by the batch worker.
+    assert sent and set(sent) == {Packed}
     info = (await client.get("/info")).json()
     served_info = next(v for v in info["variants"] if v["variant"] == "eas")
     assert served_info["device"] == "cpu" and served_info["dtype"] == "float32"
