@@ -227,7 +227,11 @@ class Service:
             isolate_failures=_isolate_failure,
             # The model process takes a lone request straight from the event loop (service/batching/batcher.py).
             submit=runner.submit if isinstance(runner, ProcessRunner) and s.dispatch_from_loop else None,
+            # The model process gets its next batch before the batch it just answered is resolved.
+            defer_results=isinstance(runner, ProcessRunner),
         )
+        if isinstance(runner, ProcessRunner):
+            runner.on_sent = batcher.flush_deferred
         return ServedVariant(info=info, runner=runner, batcher=batcher)
 
     def _set_info_metric(self, served: ServedVariant, value: int) -> None:

@@ -100,8 +100,15 @@ class Batcher:
         max_batch_tokens: int | None = None,
         isolate_failures: Callable[[Exception], bool] | None = None,
         submit: SubmitFn | None = None,
+        defer_results: bool = False,
     ) -> None:
         self.name = name
+        # With a model process the worker hands the next batch to the child before it resolves the one that
+        # just came back (`flush_deferred`, called by the runner once the next batch is sent): resolving
+        # wakes the event loop once per request, and each wake-up made the worker wait its turn for the
+        # interpreter lock while the child sat idle (docs/serving.md, "The model process").
+        self._defer = defer_results
+        self._deferred: list[tuple[list[WorkItem], list[Generation]]] = []
         # After a batch of several rows fails with an exception this accepts, each row runs once alone: a
         # request the model cannot run fails by itself instead of failing every request batched with it.
         # (The lifecycle leaves out failures that are the model process's, where a retry restarts it.)
@@ -161,12 +168,12 @@ class Batcher:
     def alone(self) -> bool:
         """Is one admitted request (the caller's) all there is: nothing else admitted, queued or running?"""
         with self._cond:
-            return self._reserved == 1 and not self._queue and not self._running
+            return self._reserved == 1 and not self._queue and not self._running and not self._deferred
 
     @property
     def busy(self) -> bool:
         with self._cond:
-            return bool(self._reserved or self._queue or self._running)
+            return bool(self._reserved or self._queue or self._running or self._deferred)
 
     def stop_accepting(self) -> None:
         with self._cond:
@@ -184,7 +191,7 @@ class Batcher:
     def fail_all(self, exc_factory: Callable[[], BaseException]) -> int:
         """Fail every queued and running request (the running batch's results will be dropped)."""
         with self._cond:
-            victims = [*self._queue, *self._running]
+            victims = [*self._queue, *self._running, *(item for batch, _ in self._deferred for item in batch)]
             self._queue.clear()
             depth = self._reserved
         for item in victims:
@@ -272,6 +279,7 @@ class Batcher:
         while True:
             batch, expired = self._next_batch()
             if batch is None:
+                self.flush_deferred()
                 return
             for item in expired:
                 item.fail(DeadlineExceeded("the request's deadline passed while it was queued"))
@@ -283,13 +291,13 @@ class Batcher:
             while not self._queue or self._running:  # _running here: a batch sent from the loop
                 if self._stopping and not self._queue:
                     return None, []
-                self._cond.wait()
+                self._wait()
             fill_until = self._queue[0].enqueued_at + self.max_batch_wait_s
             while len(self._queue) < self.max_batch_size and self._reserved > 0 and not self._stopping:
                 remaining = fill_until - time.monotonic()
                 if remaining <= 0 or not self._queue:
                     break
-                self._cond.wait(remaining)  # woken by each enqueue and each released admission
+                self._wait(remaining)  # woken by each enqueue and each released admission
             now = time.monotonic()
             batch: list[WorkItem] = []
             expired: list[WorkItem] = []
@@ -310,11 +318,34 @@ class Batcher:
         self._report_depth(depth)
         return batch, expired
 
+    def _wait(self, timeout_s: float | None = None) -> None:
+        """`self._cond.wait`, except that results held back (`defer_results`) are resolved first instead: the
+        worker never waits while requests whose answers exist wait for it. Returns without waiting then; the
+        caller checks its condition again."""
+        if not self._deferred:
+            self._cond.wait(timeout_s)
+            return
+        self._cond.release()
+        try:
+            self.flush_deferred()
+        finally:
+            self._cond.acquire()
+
+    def flush_deferred(self) -> None:
+        """Resolve the batches held back (worker thread; the runner calls it once the next batch is sent)."""
+        while True:
+            with self._cond:
+                if not self._deferred:
+                    return
+                batch, generations = self._deferred.pop(0)
+            self._finish(batch, generations)
+
     def _execute(self, batch: list[WorkItem]) -> None:
         try:
             try:
                 generations = self._run_checked(batch)
             except Exception as exc:
+                self.flush_deferred()  # the batch before this one has its answers: whatever happens to this one
                 ids = [item.request_id for item in batch]
                 if len(batch) > 1 and self._isolate is not None and self._isolate(exc):
                     log.warning("batcher %s: batch of %d failed (%s: %s); running its requests one by one "
@@ -326,7 +357,11 @@ class Batcher:
                 for item in batch:
                     item.fail(InferenceFailed("inference failed; see the server log for this request id"))
             else:
-                self._finish(batch, generations)
+                if self._defer:
+                    with self._cond:
+                        self._deferred.append((batch, generations))
+                else:
+                    self._finish(batch, generations)
         finally:
             with self._cond:
                 self._running = []

@@ -300,6 +300,7 @@ class ProcessRunner(ModelRunner):
     """A ModelRunner whose batches run in a child process holding its own copy of the model."""
 
     pack = staticmethod(pack)  # what the preprocessing does to a request's features for this runner
+    on_sent: Callable[[], None] | None = None  # called on the worker once its batch is sent (the Batcher's flush)
 
     def __init__(self, model: LoadedModel, info: VariantInfo, threads: ThreadBudget, *,
                  loader: Callable[..., LoadedModel], settings: Any, max_rows: int) -> None:
@@ -398,6 +399,7 @@ class ProcessRunner(ModelRunner):
             if self._closed:
                 raise ModelProcessGone("the model process was stopped")
             if self._process is None or self._process.poll() is not None:
+                self._sent()  # a start takes seconds: the batch before is not held back for it
                 self.restarts += 1
                 log.warning("variant %s: starting a new model process (restart %d)", self.info.variant,
                             self.restarts)
@@ -467,6 +469,12 @@ class ProcessRunner(ModelRunner):
             return list(message[1])
         raise ModelProcessError(f"the model process failed the batch:\n{message[1]}")
 
+    def _sent(self) -> None:
+        """The worker's batch is in the child (or waits for it to start): the Batcher resolves the batch before
+        it now (`Batcher.flush_deferred`, set as `on_sent`), while the child works."""
+        if self.on_sent is not None:
+            self.on_sent()
+
     def _gone(self) -> ModelProcessGone:
         """The child died during a batch (its end of the socket closed)."""
         code = self._process.poll() if self._process is not None else None
@@ -482,6 +490,7 @@ class ProcessRunner(ModelRunner):
         poll_s = WATCHED_POLL_S if pushed else CANCEL_POLL_S
         try:
             _write(conn, payload)
+            self._sent()
             while True:
                 if not pushed:
                     self._copy_cancellations(items)

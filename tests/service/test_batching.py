@@ -214,6 +214,73 @@ async def test_a_failure_the_predicate_refuses_is_not_retried() -> None:
     batcher.stop()
 
 
+class SendingRunner(FakeRunner):
+    """Calls `on_sent` once a batch is "sent", as ProcessRunner does once the child has it."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        super().__init__()
+        self.events: list[tuple[str, list[str]]] = []
+        self.on_sent = None
+        self.fail = fail
+
+    def __call__(self, items: list[WorkItem]) -> list[Generation]:
+        questions = [i.question for i in items]
+        self.events.append(("sent", questions))
+        if self.on_sent is not None:
+            self.on_sent()
+        if self.fail in questions:
+            raise RuntimeError("the batch failed")
+        return super().__call__(items)
+
+
+def sending_batcher(runner: SendingRunner, defer: bool) -> Batcher:
+    batcher = Batcher(runner, name="test", queue_full=lambda: QueueFull("full"), max_batch_size=2,
+                      max_batch_wait_s=0.0, max_queue_size=8, defer_results=defer,
+                      on_batch=lambda items, generations: runner.events.append(
+                          ("resolved", [i.question for i in items])))
+    runner.on_sent = batcher.flush_deferred
+    return batcher
+
+
+@pytest.mark.parametrize("defer", [True, False])
+async def test_with_a_model_process_the_next_batch_is_sent_before_the_last_is_resolved(defer: bool) -> None:
+    """defer_results (a model process): a batch's requests are resolved once the next batch is in the
+    runner, so the child is not idle while the worker wakes the event loop; without it (the negative
+    control) each batch is resolved before the next is sent."""
+    runner = SendingRunner()
+    batcher = sending_batcher(runner, defer)
+    items = [submit(batcher, f"q{i}") for i in range(5)]
+    batcher.start()
+    results = await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), 5)
+    assert [r.generation.text for r in results] == [f"Q{i}" for i in range(5)]
+    first, second, third = ["q0", "q1"], ["q2", "q3"], ["q4"]
+    if defer:
+        assert runner.events == [("sent", first), ("sent", second), ("resolved", first), ("sent", third),
+                                 ("resolved", second), ("resolved", third)]
+    else:
+        assert runner.events == [("sent", first), ("resolved", first), ("sent", second), ("resolved", second),
+                                 ("sent", third), ("resolved", third)]
+    assert not batcher.busy
+    batcher.stop()
+
+
+async def test_held_back_results_never_wait_for_more_work_or_for_a_failing_batch() -> None:
+    runner = SendingRunner(fail="bad")
+    batcher = sending_batcher(runner, defer=True)
+    batcher.start()
+    lone = submit(batcher, "alone")  # nothing after it: answered while the worker waits for more
+    assert (await asyncio.wait_for(lone.future, 5)).generation.text == "ALONE"
+    runner.release.clear()  # hold the next batch in the runner so that two queue behind it
+    items = [submit(batcher, q) for q in ("a", "b")]
+    await wait_until(lambda: len(runner.events) == 3)
+    items += [submit(batcher, q) for q in ("bad", "c")]
+    runner.release.set()
+    results = await asyncio.wait_for(asyncio.gather(*(i.future for i in items), return_exceptions=True), 5)
+    assert [r.generation.text for r in results[:2]] == ["A", "B"]  # resolved although the next batch failed
+    assert all(isinstance(r, InferenceFailed) for r in results[2:])
+    batcher.stop()
+
+
 QUESTIONS = ["what colour is the circle?", "is there a red shape?", "what shape is it?",
              "what is in the image? answer in one word please", "colour?", "is the square blue or green?",
              "what colour is the rectangle in the middle of the picture?"]

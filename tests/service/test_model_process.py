@@ -318,10 +318,13 @@ def test_a_cancelled_row_stops_in_the_child_and_close_stops_it(model_dirs: Model
     try:
         features = runner.model.prepare_one(Image.open(io.BytesIO(image_bytes())), QUESTION)
         got: list[str] = []
+        # on_sent (the Batcher's flush of the batch before) runs once the batch is in the child, before any token
+        runner.on_sent = lambda: got.append("<sent>")
         cancel_me = _Item(features, 40, sink=lambda delta: (got.append(delta), cancel_me.cancelled.set()))
         keep = _Item(features, 12)
         cancelled, finished = runner.run_batch([cancel_me, keep])
-        assert got, "the streamed row never produced a token"
+        assert got[0] == "<sent>" and got.count("<sent>") == 1
+        assert got[1:], "the streamed row never produced a token"
         assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens < 12
         assert finished.finish_reason in ("length", "stop")
         assert finished.completion_tokens >= cancelled.completion_tokens
