@@ -1,6 +1,6 @@
 """The decode loop of transformers' `generate` (greedy, dynamic cache), without its per-call set-up.
 
-Why. On the embedded demo model a lone request's `model.generate` spends ~2.5 ms of ~15 ms before and
+Why. On the embedded demo model a lone request's `model.generate` spends ~2 ms of 15-20 ms before and
 around its two forward passes: deep-copying and validating the generation config, inspecting the
 model's signature, building processors and criteria, checking the model kwargs. None of that depends on
 the request. `Decoder` does it once per model (and again only when `model.generation_config` changes) and
@@ -22,7 +22,7 @@ beam, one sequence per row), a dynamic cache, no keyword beyond `logits_processo
 `stopping_criteria`, no returned dict, scores or streamer, a decoder-only model given `input_ids` and an
 `attention_mask`. Everything else — and any model whose generation config asks for more (another mode,
 stop strings, a static cache on an unconverted model, chunked prefill) — goes to `model.generate`
-(`applies` says which). One call at a time per model, as with `generate`.
+(`for_call` says which). One call at a time per model, as with `generate`.
 """
 
 from __future__ import annotations
@@ -163,13 +163,19 @@ def decoder(model: PreTrainedModel) -> Decoder:
     return prepared
 
 
-def applies(model: PreTrainedModel, batch: dict[str, Any], kwargs: dict[str, Any]) -> bool:
-    """Would `Decoder.generate` run this call exactly as `model.generate` would?"""
+def for_call(model: PreTrainedModel, batch: dict[str, Any], kwargs: dict[str, Any]) -> Decoder | None:
+    """The model's `Decoder` when it runs this call exactly as `model.generate` would, else None."""
     if not set(kwargs) <= LOOP_KEYWORDS or kwargs.get("do_sample"):
-        return False
+        return None
     ids, mask = batch.get("input_ids"), batch.get("attention_mask")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        return False
+        return None
     if any(key in batch for key in ("inputs_embeds", "past_key_values", "use_cache")):
-        return False
-    return decoder(model).reason is None
+        return None
+    prepared = decoder(model)
+    return prepared if prepared.reason is None else None
+
+
+def applies(model: PreTrainedModel, batch: dict[str, Any], kwargs: dict[str, Any]) -> bool:
+    """Would `Decoder.generate` run this call exactly as `model.generate` would?"""
+    return for_call(model, batch, kwargs) is not None

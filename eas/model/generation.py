@@ -1,10 +1,13 @@
 """Generation for converted and plain models: the library API of the service, evaluation and benchmarks.
 
-Exactness. Every call goes through the model's own `model.generate`. On a converted model that method
-is the one eas.model.stock_generate installs (prompt statistics frozen at the prefill, a DummyLayer in
-every skipped cache slot), so this module's path and plain `model.generate(**batch)` are the same path
-and give the same ids and logits (tests/core/test_stock_generate.py). Decoding decisions are made by a
-logits processor and a stopping criterion handed to `model.generate`; the forward passes are untouched.
+Exactness. Every call runs transformers' `generate` steps: `model.generate` itself, or — with `loop="auto"`
+(the default, on the CPU) or `loop="eas"`, wherever it applies — eas.model.decoding, the same greedy loop
+through the model's own hooks without `generate`'s per-call set-up (same ids and bit-equal scores,
+tests/core/test_decoding.py); `loop="transformers"` always calls `model.generate`. On a converted model
+`model.generate` is the one eas.model.stock_generate installs (prompt statistics frozen at the prefill, a
+DummyLayer in every skipped cache slot), so this module's path and plain `model.generate(**batch)` give
+the same ids and logits (tests/core/test_stock_generate.py). Decoding decisions are made by a logits
+processor and a stopping criterion handed to the loop; the forward passes are untouched.
 
 API
 ---
@@ -290,22 +293,23 @@ def _run(model: PreTrainedModel, batch: BatchFeature | dict, max_new_tokens: int
         kwargs["logits_processor"] = processors
         kwargs["stopping_criteria"] = criteria
         max_new_tokens = max(r.limit for r in state)
-    if _own_loop(model, batch, kwargs, loop):
-        prepared = decoding.decoder(model)
-        out = prepared.generate(batch, max_new_tokens, kwargs.get("logits_processor"), kwargs.get("stopping_criteria"))
+    own = _own_loop(model, batch, kwargs, loop)
+    if own is not None:
+        out = own.generate(batch, max_new_tokens, kwargs.get("logits_processor"), kwargs.get("stopping_criteria"))
     else:
         out = model.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
     return out, controller
 
 
-def _own_loop(model: PreTrainedModel, batch: BatchFeature | dict, kwargs: dict[str, Any], loop: DecodeLoop) -> bool:
-    """Run this call through eas.model.decoding? "auto": where it applies, on the CPU (where its saving was
-    measured); "eas": wherever it applies; "transformers": never."""
+def _own_loop(model: PreTrainedModel, batch: BatchFeature | dict, kwargs: dict[str, Any],
+              loop: DecodeLoop) -> decoding.Decoder | None:
+    """The eas.model.decoding loop to run this call, or None for `model.generate`. "auto": where it applies,
+    on the CPU (where its saving was measured); "eas": wherever it applies; "transformers": never."""
     if loop not in ("auto", "eas", "transformers"):
         raise ValueError(f"loop must be 'auto', 'eas' or 'transformers', got {loop!r}")
     if loop == "transformers" or (loop == "auto" and model.device.type != "cpu"):
-        return False
-    return decoding.applies(model, batch, kwargs)
+        return None
+    return decoding.for_call(model, batch, kwargs)
 
 
 def generate(model: PreTrainedModel, batch: BatchFeature | dict, max_new_tokens: int = 8,

@@ -168,7 +168,7 @@ def test_generation_config_changes_are_followed() -> None:
 
 def test_loop_choice() -> None:
     gpu = SimpleNamespace(device=torch.device("cuda"))
-    assert not _own_loop(gpu, {}, {}, "auto")  # measured on the CPU only: a GPU keeps transformers' loop
-    assert not _own_loop(gpu, {}, {}, "transformers")
+    assert _own_loop(gpu, {}, {}, "auto") is None  # measured on the CPU only: a GPU keeps transformers' loop
+    assert _own_loop(gpu, {}, {}, "transformers") is None
     with pytest.raises(ValueError, match="loop must be"):
         _own_loop(gpu, {}, {}, "fast")
