@@ -60,6 +60,7 @@ class Decoder:
         self.default_max_length = model.generation_config.max_length is None
         self.default_min_length = model.generation_config.min_length is None
         self.skipped = tuple(runtime.plan.skipped) if (runtime := getattr(model, "_eas_runtime", None)) else ()
+        self.cache_config = model.config.get_text_config(decoder=True)  # what generate builds its cache from
         self.reason = self._refusal(unused)
 
     def current(self) -> bool:
@@ -116,7 +117,7 @@ class Decoder:
         if self.keep_last_logits and "logits_to_keep" not in kwargs:
             kwargs["logits_to_keep"] = 1
         model._validate_generated_length(config, prompt_length, self.default_max_length)
-        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        cache = DynamicCache(config=self.cache_config)
         kwargs["past_key_values"] = dummy_skipped_slots(cache, self.skipped) if self.skipped else cache
         processors = model._get_logits_processor(
             generation_config=config, input_ids_seq_length=prompt_length, encoder_input_ids=input_ids,
