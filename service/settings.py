@@ -83,6 +83,13 @@ class Settings(BaseSettings):
                           "(EAS_MODEL_PROCESS; service/runner/process.py); unset: on when the model runs on the "
                           "CPU with the service's own loader.",
     )
+    model_process_forkserver: bool = Field(
+        True, description="Fork model processes from a process that has imported torch, transformers and the "
+                          "project once (EAS_MODEL_PROCESS_FORKSERVER; service/runner/forkserver.py): a restart, "
+                          "a hot activation or a second variant skips the ~5 s of imports (it costs an idle "
+                          "process of ~350 MB, most of it shared with the model processes); off: each model "
+                          "process is started afresh.",
+    )
     dispatch_from_loop: bool = Field(
         True, description="With a model process, a request that finds its variant idle (nothing queued, "
                           "admitted or running) is sent to the model process by the event loop itself, without "

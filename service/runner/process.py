@@ -29,9 +29,11 @@ Along the way:
   child; one still running a batch STUCK_GRACE_S after all its rows' deadlines is killed the same way.
   The child exits when the parent does, kill -9 included: its end of the socket closes, and a watchdog
   thread sees it re-parented even while it is loading or running a batch.
-- **Start**: the child is `python -m service.runner.process_main FD PID`, not a multiprocessing spawn, which
-  would import the parent's `__main__` again in the child (a script that starts the server at its top level
-  would start a second server there); it gets the parent's import path, and the rest over the socket.
+- **Start**: the child is forked by a fork server that has done the imports once (service/runner/forkserver.py;
+  EAS_MODEL_PROCESS_FORKSERVER), or else `python -m service.runner.process_main FD PID FLAGS_FD`; never a
+  multiprocessing spawn, which would import the parent's `__main__` again in the child (a script that starts
+  the server at its top level would start a second server there). It gets the parent's import path, and the
+  rest over the socket.
 
 Timings in a `Generation` (first-token times included) are `time.monotonic()` readings, which are one
 clock for every process on Linux.
@@ -65,6 +67,7 @@ from eas.model.loading import LoadedModel
 from eas.model.token_reduction import token_reducer
 from service import heap
 from service.batching.work import Generation, Sampling
+from service.runner.forkserver import ForkedProcess, fork_model_process
 from service.runner.runner import ModelRunner, VariantInfo, warmup_image
 from service.runner.threads import ThreadBudget
 
@@ -81,6 +84,7 @@ WATCHED_POLL_S = 0.5
 START_TIMEOUT_S = 600.0  # loading a large model from a slow disk
 STOP_TIMEOUT_S = 5.0
 STUCK_GRACE_S = 30.0
+EXIT_WAIT_S = 0.5  # for the exit status of a child whose socket has closed (a failure path only)
 # The largest batch the event loop sends itself (ProcessRunner.submit): far below the socket buffer, so that
 # the write never waits for the child. A batch of one ordinary request is tens of KB.
 LOOP_WRITE_LIMIT = 1 << 20
@@ -238,11 +242,12 @@ class _ChildItem:
     tokens: int
 
 
-def child_main(conn: Connection) -> None:
-    """The model process (started by service/runner/process_main.py): load, say ready, then run batches
-    until told to stop or the parent is gone."""
+def child_main(conn: Connection, flags_fd: int) -> None:
+    """The model process (started by service/runner/process_main.py or forked by service/runner/forkserver.py):
+    load, say ready, then run batches until told to stop or the parent is gone. `flags_fd` is the cancel flags'
+    memory, which the parent sized (the first message)."""
     try:
-        flags_fd, rows, loader, info, settings = _recv(conn)
+        rows, loader, info, settings = _recv(conn)
         flags = mmap.mmap(flags_fd, rows)
         model = loader(info, settings)
         budget = ThreadBudget(threads=settings.inference_threads)
@@ -325,7 +330,7 @@ class ProcessRunner(ModelRunner):
         self._flags_lock = threading.Lock()
         self._serial = 0
         self._lock = threading.Lock()  # one batch at a time (the batcher's worker; warm-up before it starts)
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: subprocess.Popen[bytes] | ForkedProcess | None = None
         self._conn: Connection | None = None
         self._closed = False
         self.restarts = 0
@@ -357,17 +362,22 @@ class ProcessRunner(ModelRunner):
                 end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
         child_fd = theirs.detach()
         try:
-            # The parent's import path, so the child finds this package and the loader the parent names.
-            path = os.pathsep.join(p or os.getcwd() for p in sys.path)
-            process = subprocess.Popen([sys.executable, "-m", "service.runner.process_main", str(child_fd),
-                                        str(os.getpid())],
-                                       pass_fds=(child_fd, self._flags_fd), env={**os.environ, "PYTHONPATH": path})
+            process: subprocess.Popen[bytes] | ForkedProcess | None = None
+            if getattr(self._settings, "model_process_forkserver", True):
+                process = fork_model_process(child_fd, self._flags_fd)
+            if process is None:
+                # The parent's import path, so the child finds this package and the loader the parent names.
+                path = os.pathsep.join(p or os.getcwd() for p in sys.path)
+                process = subprocess.Popen([sys.executable, "-m", "service.runner.process_main", str(child_fd),
+                                            str(os.getpid()), str(self._flags_fd)],
+                                           pass_fds=(child_fd, self._flags_fd),
+                                           env={**os.environ, "PYTHONPATH": path})
         finally:
             os.close(child_fd)
         conn = Connection(ours.detach())
         self._process, self._conn, self._started_at = process, conn, time.perf_counter()
         try:
-            _send(conn, (self._flags_fd, self._rows, self._loader, self._child_info, self._settings))
+            _send(conn, (self._rows, self._loader, self._child_info, self._settings))
         except BaseException:
             self._kill()
             raise
@@ -477,7 +487,11 @@ class ProcessRunner(ModelRunner):
 
     def _gone(self) -> ModelProcessGone:
         """The child died during a batch (its end of the socket closed)."""
-        code = self._process.poll() if self._process is not None else None
+        code = None
+        if self._process is not None:
+            # Its socket closes while it exits, a moment before its exit status exists: wait that moment.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self._process.wait(EXIT_WAIT_S)
         return ModelProcessGone(f"the model process exited during a batch (exit code {code}); the next batch "
                                 "starts a new one")
 

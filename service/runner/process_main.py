@@ -1,5 +1,6 @@
 """Entry point of a model process (service/runner/process.py):
-`python -m service.runner.process_main FD PARENT_PID`.
+`python -m service.runner.process_main FD PARENT_PID FLAGS_FD` (the plain start; service/runner/forkserver.py
+forks most model processes instead).
 
 Kept free of heavy imports so that the watchdog runs before torch and transformers load (seconds): a
 parent killed while its child is still importing or loading must not leave the child behind. A closed
@@ -33,4 +34,4 @@ if __name__ == "__main__":
 
     from service.runner.process import child_main
 
-    child_main(Connection(int(sys.argv[1])))
+    child_main(Connection(int(sys.argv[1])), int(sys.argv[3]))

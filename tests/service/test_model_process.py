@@ -366,32 +366,40 @@ def _alive(pid: int) -> bool:
         return stat.read().split(")")[-1].split()[0] != "Z"
 
 
-def test_the_child_dies_with_its_parent(model_dirs: ModelDirs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "plain-start"])
+def test_the_child_dies_with_its_parent(model_dirs: ModelDirs, tmp_path: Path, forked: bool) -> None:
+    """kill -9 of the server: its model process goes within seconds, whether forked by the fork server (which
+    goes too) or started as the server's own child."""
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
         from tests.service.test_model_process import _process_runner
         from service.lifecycle import default_loader
+        from service.runner import forkserver
         from pathlib import Path
         if __name__ == "__main__":
             runner = _process_runner(Path({str(model_dirs.eas)!r}), default_loader)
-            print(runner.pid, flush=True)
+            servers = [server.process.pid for server in forkserver._servers.values()]
+            print(runner.pid, *servers, flush=True)
             time.sleep(120)
     """))
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                              env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                   "EAS_MODEL_PROCESS_FORKSERVER": str(forked).lower()})
     try:
         line = parent.stdout.readline() if parent.stdout else ""
-        assert line.strip().isdigit(), f"parent did not report its child: {line!r}"
-        child = int(line)
-        assert _alive(child)
+        assert line.split() and all(word.isdigit() for word in line.split()), f"no pids from the parent: {line!r}"
+        child, *servers = (int(word) for word in line.split())
+        assert len(servers) == (1 if forked else 0)
+        assert _alive(child) and all(_alive(server) for server in servers)
         parent.kill()  # kill -9: no atexit, no cleanup in the parent
         parent.wait(10)
         deadline = time.monotonic() + 5
-        while _alive(child) and time.monotonic() < deadline:
+        while any(_alive(pid) for pid in (child, *servers)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive(child), "the model process outlived its parent by more than 5 s"
+        assert not any(_alive(server) for server in servers), "the fork server outlived the server by 5 s"
     finally:
         parent.kill()
 
