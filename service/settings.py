@@ -83,12 +83,12 @@ class Settings(BaseSettings):
                           "(EAS_MODEL_PROCESS; service/runner/process.py); unset: on when the model runs on the "
                           "CPU with the service's own loader.",
     )
-    model_process_forkserver: bool = Field(
-        True, description="Fork model processes from a process that has imported torch, transformers and the "
-                          "project once (EAS_MODEL_PROCESS_FORKSERVER; service/runner/forkserver.py): a restart, "
-                          "a hot activation or a second variant skips the ~5 s of imports (it costs an idle "
-                          "process of ~350 MB, most of it shared with the model processes); off: each model "
-                          "process is started afresh.",
+    forkserver: bool = Field(
+        True, description="Fork model processes and conversion workers from a process that has imported torch, "
+                          "transformers and the project once (EAS_FORKSERVER; service/runner/forkserver.py): a "
+                          "restart, a hot activation, a second variant or a job skips the ~5 s of imports (it "
+                          "costs an idle process of ~350 MB, about half of it shared with the processes it "
+                          "forks); off: each of them starts afresh.",
     )
     dispatch_from_loop: bool = Field(
         True, description="With a model process, a request that finds its variant idle (nothing queued, "

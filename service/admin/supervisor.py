@@ -14,7 +14,9 @@ the job's row (`activation`: pending → done | failed, with `activation_error`)
 may return a Future, which the loop polls, so no SQLite write ever runs on the server's event loop.
 
 A worker must not outlive its server (issue 17, M3): it runs in its own process group (so a Ctrl-C to the
-server does not reach it) but asks the kernel for SIGKILL when its parent dies (service/admin/worker.py).
+server does not reach it) and watches the server, ending when it is gone (service/admin/worker.py). It is
+forked by the fork server, which has done the imports (Settings.forkserver, service/runner/forkserver.py), or
+else started afresh.
 
 How much a worker yields to serving (Settings.job_nice, job_threads, job_pin) goes on its command line.
 Finished jobs older than Settings.job_ttl_s are deleted at start and then every min(ttl, 60 s), with
@@ -40,6 +42,7 @@ from pathlib import Path
 from model_store import JobRecord, ModelStore
 from model_store.errors import StoreError
 from service.admin.requests import ACTIVATE
+from service.runner.forkserver import ForkedProcess, fork_module
 from service.runner.threads import job_thread_count
 from service.settings import Settings
 
@@ -51,7 +54,7 @@ EXPIRY_INTERVAL_MAX_S = 60.0  # how stale an expired job may linger at most, bey
 @dataclass
 class _Worker:
     job_id: str
-    process: subprocess.Popen
+    process: subprocess.Popen | ForkedProcess
     log_path: Path
     cancel_seen_at: float | None = None
 
@@ -205,12 +208,17 @@ class JobSupervisor:
     def _spawn(self, job: JobRecord) -> None:
         log_path = self.log_dir / f"{job.id}.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        command = self.worker_command(job.id)
         with log_path.open("ab") as log_file:
-            process = subprocess.Popen(
-                self.worker_command(job.id),
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,  # its own process group: signals to the server don't reach it
-            )
+            process: subprocess.Popen | ForkedProcess | None = None
+            if self.settings.forkserver and command[:2] == [sys.executable, "-m"]:
+                # Forked by the fork server, which has done the imports (service/runner/forkserver.py).
+                process = fork_module(command[2], command[3:], environ=env, output_fd=log_file.fileno())
+            if process is None:
+                process = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True,  # its own process group: signals to the server don't reach it
+                )
         try:
             self.store.jobs.update(job.id, status="running", stage="starting", worker_pid=process.pid)
         except StoreError:  # cancelled between listing and spawning: stop the worker we just started
@@ -326,6 +334,6 @@ def _reason(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__)[:500]
 
 
-def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+def _signal_group(process: subprocess.Popen | ForkedProcess, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
         os.killpg(process.pid, sig)

@@ -10,8 +10,10 @@ threads, pinning) comes on its command line from the supervisor, which reads it 
 
 The worker dies with its server (issue 17, M3): it runs in its own process group, so nothing the kernel
 does to the server's group reaches it, and a server killed with -9 cannot stop it either. So a watchdog
-thread compares the parent pid with the server's (`--parent-pid`) every PARENT_POLL_S; once the server is
-gone it records the job failed, kills its own process group and exits. (PR_SET_PDEATHSIG would not do:
+thread waits for the server (`--parent-pid`) to be gone: started by the server, it compares its parent pid
+with the server's every PARENT_POLL_S; forked by the fork server (service/runner/forkserver.py), whose child it
+is, it waits on the server's pidfd ($EAS_SERVER_PIDFD). Then it records the job failed, kills its own process
+group and exits. (PR_SET_PDEATHSIG would not do:
 it fires when the *thread* that spawned the worker ends, and the supervisor's thread ends before a clean
 shutdown sends its SIGTERM.)
 """
@@ -22,6 +24,7 @@ import argparse
 import contextlib
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -88,9 +91,12 @@ def _watch_cancel(store: ModelStore, job_id: str, cancel: threading.Event, done:
             log.exception("cannot read job %s", job_id)
 
 
-def _watch_parent(store_root: Path, job_id: str, parent_pid: int) -> None:
-    """Exit as soon as the server is gone: its pid is no longer our parent (we were re-parented)."""
-    while os.getppid() == parent_pid:
+def _watch_parent(store_root: Path, job_id: str, parent_pid: int, server_pidfd: int | None = None) -> None:
+    """Exit as soon as the server is gone: its pidfd is readable, or (without one) its pid is no longer our
+    parent (we were re-parented)."""
+    if server_pidfd is not None:
+        select.select([server_pidfd], [], [])
+    while server_pidfd is None and os.getppid() == parent_pid:
         time.sleep(PARENT_POLL_S)
     try:
         job = ModelStore(store_root).jobs.get(job_id)
@@ -107,10 +113,12 @@ def _watch_parent(store_root: Path, job_id: str, parent_pid: int) -> None:
 def start_parent_watchdog(store_root: Path, job_id: str, parent_pid: int | None) -> None:
     if parent_pid is None:
         return
-    if os.getppid() != parent_pid:  # the server died before we got here
+    pidfd = os.environ.pop("EAS_SERVER_PIDFD", None)  # forked by the fork server: not the server's child
+    server_pidfd = int(pidfd) if pidfd else None
+    if server_pidfd is None and os.getppid() != parent_pid:  # the server died before we got here
         _watch_parent(store_root, job_id, parent_pid)
-    threading.Thread(target=_watch_parent, args=(store_root, job_id, parent_pid), name="parent-watchdog",
-                     daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(store_root, job_id, parent_pid, server_pidfd),
+                     name="parent-watchdog", daemon=True).start()
 
 
 def run_job(store_root: Path, job_id: str) -> str:

@@ -1,12 +1,13 @@
-"""Model processes forked from a process that has already imported what they need (Settings.model_process_forkserver;
-docs/serving.md, "The model process").
+"""Model processes and conversion workers forked from a process that has already imported what they need
+(Settings.forkserver; docs/serving.md, "The model process").
 
 Why: a model process started afresh (`python -m service.runner.process_main`) spends ~5 s of the 2-core machine
 importing torch, transformers and the project before it loads a weight (`python -X importtime`), and pays it
 again at every start: the second variant's, each hot activation's and the one that replaces a dead child. The
 fork server pays it once: it is started the first time a model process is needed, imports
 `service.runner.process` (so torch and transformers) and then forks one model process per request, which goes
-straight to loading.
+straight to loading. A conversion job's worker (`python -m service.admin.worker`) is forked the same way
+(`fork_module`), in a session of its own as the plain start gives it.
 
 - **Nothing runs before a fork that a fork would break**: the fork server never runs a torch operation (so
   OpenMP has no thread pool yet) and runs one thread (its import watchdog is stopped and joined first).
@@ -18,11 +19,13 @@ straight to loading.
   MAX_SERVERS, then the plain start).
 - **Lifetimes**: a forked model process watches the server process itself (a pidfd, inherited from the fork
   server) and exits the moment it is gone, kill -9 included; so does the fork server, which also exits when
-  the server closes its socket. The fork server, not the server, is the forked process's parent: it reaps a
-  child when the server asks for its exit status (`ForkedProcess.poll`), so the server still reports how its
-  model process ended (a -9 is usually the kernel's out-of-memory killer).
+  the server closes its socket. A forked worker gets that pidfd in $EAS_SERVER_PIDFD for its own watchdog
+  (service/admin/worker.py), which records its job failed first. The fork server, not the server, is the
+  forked process's parent: it reaps a child when the server asks for its exit status (`ForkedProcess.poll`),
+  so the server still reports how its model process or worker ended (a -9 is usually the kernel's
+  out-of-memory killer). A Ctrl-C meant for the server is ignored by the fork server.
 - **Falling back**: any failure of the fork server (it cannot start, dies, or does not answer within
-  FORK_TIMEOUT_S) is logged and the model process is started the plain way; a fork server that failed is not
+  FORK_TIMEOUT_S) is logged and the process is started the plain way; a fork server that failed is not
   asked again.
 """
 
@@ -54,10 +57,11 @@ _HEADER = struct.Struct("!I")
 _NOT_READ_BY_IMPORTS = ("EAS_", "PYTEST_CURRENT_TEST")
 
 
-def _environment_key() -> tuple[Any, ...]:
+def _environment_key(environ: dict[str, str] | None = None) -> tuple[Any, ...]:
     """What a fork server's imports may have read and a fork cannot change (see the module docstring)."""
-    environ = tuple(sorted((k, v) for k, v in os.environ.items() if not k.startswith(_NOT_READ_BY_IMPORTS)))
-    return sys.executable, tuple(sys.path), os.getpriority(os.PRIO_PROCESS, 0), environ
+    variables = os.environ if environ is None else environ
+    kept = tuple(sorted((k, v) for k, v in variables.items() if not k.startswith(_NOT_READ_BY_IMPORTS)))
+    return sys.executable, tuple(sys.path), os.getpriority(os.PRIO_PROCESS, 0), kept
 
 
 def _readable(fd: int, timeout: float | None) -> bool:
@@ -146,13 +150,13 @@ class ForkedProcess:
 class ForkServer:
     """One fork server process, started by the constructor; `fork` is safe from several threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, environ: dict[str, str]) -> None:
         ours, theirs = socket.socketpair()
         path = os.pathsep.join(p or os.getcwd() for p in sys.path)
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "service.runner.forkserver", str(theirs.fileno()), str(os.getpid())],
-                pass_fds=(theirs.fileno(),), env={**os.environ, "PYTHONPATH": path}, stdin=subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(),), env={**environ, "PYTHONPATH": path}, stdin=subprocess.DEVNULL)
         except BaseException:
             ours.close()
             raise
@@ -162,11 +166,11 @@ class ForkServer:
         self._lock = threading.Lock()
         self.failed = False
 
-    def fork(self, conn_fd: int, flags_fd: int) -> ForkedProcess:
-        """A model process running `child_main` on these two descriptors (the model process's socket and the
-        cancel flags), with the caller's environment, working directory and CPU affinity."""
-        request = {"environ": dict(os.environ), "cwd": os.getcwd(), "affinity": _affinity()}
-        pid = self._ask(("fork", request), [conn_fd, flags_fd])
+    def fork(self, target: tuple[Any, ...], fds: list[int], environ: dict[str, str]) -> ForkedProcess:
+        """A forked process running `target` (see `_child`) on these descriptors, with this environment and the
+        caller's working directory and CPU affinity."""
+        request = {"target": target, "environ": environ, "cwd": os.getcwd(), "affinity": _affinity()}
+        pid = self._ask(("fork", request), fds)
         if not isinstance(pid, int):
             self._fail(f"it answered {pid!r} to a fork")
         return ForkedProcess(self, pid)
@@ -217,30 +221,42 @@ _servers: dict[tuple[Any, ...], ForkServer] = {}
 _servers_lock = threading.Lock()
 
 
-def fork_model_process(conn_fd: int, flags_fd: int) -> ForkedProcess | None:
-    """A model process from the fork server for this process's environment (started on first use), or None:
-    then the caller starts it the plain way (no pidfds on this system, too many fork servers already, or the
+def _fork(target: tuple[Any, ...], fds: list[int], environ: dict[str, str]) -> ForkedProcess | None:
+    """`target` forked by the fork server for this environment (started on first use), or None: then the
+    caller starts the process the plain way (no pidfds on this system, too many fork servers already, or the
     fork server failed, which is logged)."""
     if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
         return None
-    key = _environment_key()
+    key = _environment_key(environ)
     with _servers_lock:
         server = _servers.get(key)
-        if server is None or server.failed:
-            if server is None and len(_servers) >= MAX_SERVERS:
+        if server is not None and server.failed:
+            return None  # this environment's fork server failed: the plain start from now on
+        if server is None:
+            if len(_servers) >= MAX_SERVERS:
                 return None
-            if server is not None:
-                return None  # this environment's fork server failed: the plain start from now on
             try:
-                server = _servers[key] = ForkServer()
+                server = _servers[key] = ForkServer(environ)
             except OSError:
-                log.warning("could not start the model processes' fork server", exc_info=True)
+                log.warning("could not start a fork server", exc_info=True)
                 return None
     try:
-        return server.fork(conn_fd, flags_fd)
+        return server.fork(target, fds, environ)
     except (ForkServerError, OSError) as exc:
-        log.warning("%s; starting the model process without it", exc)
+        log.warning("%s; starting the process without it", exc)
         return None
+
+
+def fork_model_process(conn_fd: int, flags_fd: int) -> ForkedProcess | None:
+    """A model process (`child_main` on its socket and cancel flags) from the fork server, or None."""
+    return _fork(("model",), [conn_fd, flags_fd], dict(os.environ))
+
+
+def fork_module(module: str, args: list[str], *, environ: dict[str, str], output_fd: int) -> ForkedProcess | None:
+    """`python -m MODULE ARGS...` from the fork server, in a session (and process group) of its own, with this
+    environment, stdin from /dev/null and stdout and stderr to `output_fd`; or None. The forked module finds
+    the server's pidfd in $EAS_SERVER_PIDFD (its parent is the fork server, not the server)."""
+    return _fork(("module", module, list(args)), [output_fd], environ)
 
 
 def close_all() -> None:
@@ -276,13 +292,20 @@ def _exit_with_server(server_pidfd: int) -> None:
     threading.Thread(target=watch, name="server-watchdog", daemon=True).start()
 
 
-def _child(control: socket.socket, server_pidfd: int, request: dict[str, Any], fds: list[int]) -> None:
-    """The forked process: become the requester's model process, then exit (never return to the loop)."""
+def _child(control: socket.socket, server_pidfd: int, request: dict[str, Any], fds: list[int],
+           started: int) -> None:
+    """The forked process: become what the request asks for, then exit (never return to the fork server's
+    loop). `started` is written to once the process is in its own session, if it asked for one."""
     code = 1
     try:
         control.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _exit_with_server(server_pidfd)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        target = request["target"]
+        if target[0] == "module":
+            os.setsid()  # before the server hears the pid: it may signal the process group at once
+        os.write(started, b"s")
+        os.close(started)
         os.environ.clear()
         os.environ.update(request["environ"])
         os.chdir(request["cwd"])
@@ -292,13 +315,16 @@ def _child(control: socket.socket, server_pidfd: int, request: dict[str, Any], f
         import random
 
         random.seed()  # not the fork server's state: every fork would draw the same numbers
+        if target[0] == "model":
+            _exit_with_server(server_pidfd)
+            from multiprocessing.connection import Connection
 
-        from multiprocessing.connection import Connection
+            from service.runner.process import child_main
 
-        from service.runner.process import child_main
-
-        child_main(Connection(fds[0]), fds[1])
-        code = 0
+            child_main(Connection(fds[0]), fds[1])
+            code = 0
+        else:
+            code = _run_module(target[1], target[2], fds[0], server_pidfd)
     except BaseException:
         import traceback
 
@@ -308,6 +334,29 @@ def _child(control: socket.socket, server_pidfd: int, request: dict[str, Any], f
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _run_module(module: str, args: list[str], output_fd: int, server_pidfd: int) -> int:
+    """`python -m module args...` in this process, as the plain start would run it; its exit code."""
+    import runpy
+
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(stdin, 0)
+    os.close(stdin)
+    for fd in (1, 2):
+        os.dup2(output_fd, fd)
+    os.close(output_fd)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  (a log file: lines as they come)
+    os.environ["EAS_SERVER_PIDFD"] = str(server_pidfd)
+    sys.argv = [module, *args]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    return 0
 
 
 def _status(pid: int) -> int | None:
@@ -333,9 +382,14 @@ def serve(control: socket.socket, server: int) -> None:
         except (EOFError, OSError):
             return
         if kind == "fork":
+            started, child_started = os.pipe()
             pid = os.fork()
             if pid == 0:
-                _child(control, server_pidfd, arg, fds)
+                os.close(started)
+                _child(control, server_pidfd, arg, fds, child_started)
+            os.close(child_started)
+            os.read(started, 1)  # the child is in its own session now, if it asked for one (or already gone)
+            os.close(started)
             for fd in fds:
                 os.close(fd)
             _send_message(control, pid)
@@ -346,6 +400,7 @@ def serve(control: socket.socket, server: int) -> None:
 
 
 def main(argv: list[str]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the server; this ends when the server does
     control_fd, server = int(argv[1]), int(argv[2])
     done = threading.Event()
     watchdog = _watch_parent_while_importing(server, done)

@@ -30,7 +30,7 @@ Along the way:
   The child exits when the parent does, kill -9 included: its end of the socket closes, and a watchdog
   thread sees it re-parented even while it is loading or running a batch.
 - **Start**: the child is forked by a fork server that has done the imports once (service/runner/forkserver.py;
-  EAS_MODEL_PROCESS_FORKSERVER), or else `python -m service.runner.process_main FD PID FLAGS_FD`; never a
+  EAS_FORKSERVER), or else `python -m service.runner.process_main FD PID FLAGS_FD`; never a
   multiprocessing spawn, which would import the parent's `__main__` again in the child (a script that starts
   the server at its top level would start a second server there). It gets the parent's import path, and the
   rest over the socket.
@@ -363,7 +363,7 @@ class ProcessRunner(ModelRunner):
         child_fd = theirs.detach()
         try:
             process: subprocess.Popen[bytes] | ForkedProcess | None = None
-            if getattr(self._settings, "model_process_forkserver", True):
+            if getattr(self._settings, "forkserver", True):
                 process = fork_model_process(child_fd, self._flags_fd)
             if process is None:
                 # The parent's import path, so the child finds this package and the loader the parent names.

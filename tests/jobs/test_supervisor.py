@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from model_store import JobRecord, ModelStore
+from service.admin import supervisor as supervisor_module
 from service.admin.supervisor import JobSupervisor
+from service.runner import forkserver
 from service.settings import Settings
 
 FAST = dict(
@@ -44,16 +46,26 @@ def _training(store: ModelStore, job_id: str) -> Callable[[], JobRecord | None]:
     return lambda: (job if (job := store.jobs.get(job_id)).stage.startswith("train") else None)
 
 
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "plain-start"])
 def test_job_runs_in_a_worker_process_and_adds_a_version(
-    tiny_store: ModelStore, shapes_jsonl: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_store: ModelStore, shapes_jsonl: Path, monkeypatch: pytest.MonkeyPatch, forked: bool
 ) -> None:
+    """The worker forked by the fork server (service/runner/forkserver.py) or started afresh: the same job,
+    the same result, its output in the job's log either way."""
     finished: list[tuple[str, str]] = []
     activations: list[tuple[str, str]] = []
     workers: list[int] = []
+    spawned: list[object] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        spawned.append(process := forkserver.fork_module(*args, **kwargs))  # type: ignore[arg-type]
+        return process
+
+    monkeypatch.setattr(supervisor_module, "fork_module", spy)
     # The worker gets its share from the server's settings on its command line, never from the environment.
     monkeypatch.setenv("EAS_JOB_THREADS", "2")
     monkeypatch.setenv("EAS_JOB_NICE", "0")
-    settings = Settings(job_nice=3, job_threads=1, job_pin=True)
+    settings = Settings(job_nice=3, job_threads=1, job_pin=True, forkserver=forked)
     supervisor = JobSupervisor(tiny_store, settings, activate=lambda *ref: activations.append(ref),
                                on_finished=lambda job: finished.append((job.id, job.status)),
                                on_workers_changed=workers.append)
@@ -72,6 +84,11 @@ def test_job_runs_in_a_worker_process_and_adds_a_version(
         assert workers == [1, 0]  # the server is told when a worker takes cores and gives them back
         worker_log = (supervisor.log_dir / f"{job.id}.log").read_text()
         assert f"niceness {os.nice(0) + 3}, 1 torch threads" in worker_log
+        if forked:
+            assert len(spawned) == 1 and isinstance(spawned[0], forkserver.ForkedProcess)
+            assert spawned[0].pid == done.worker_pid and spawned[0].returncode == 0
+        else:
+            assert spawned == []
     finally:
         supervisor.shutdown()
 

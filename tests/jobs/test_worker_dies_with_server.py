@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from model_store import ModelStore
 from tests.jobs.test_supervisor import SLOW, wait_for
 
@@ -41,9 +43,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_kill_9_of_the_server_takes_the_worker_down(tiny_store: ModelStore, shapes_jsonl: Path) -> None:
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "plain-start"])
+def test_kill_9_of_the_server_takes_the_worker_down(tiny_store: ModelStore, shapes_jsonl: Path,
+                                                    forked: bool) -> None:
+    """Whether the worker was forked by the fork server (its parent, which goes too; the worker watches the
+    server's pidfd) or started as the server's own child (it watches for its re-parenting)."""
     server = subprocess.Popen([sys.executable, "-c", _SERVER, str(tiny_store.root)], stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                              "EAS_FORKSERVER": str(forked).lower()})
     worker_pid = None
     try:
         # Queued only once the supervisor runs: its start fails whatever a previous server left unfinished.
@@ -53,6 +60,8 @@ def test_kill_9_of_the_server_takes_the_worker_down(tiny_store: ModelStore, shap
         running = wait_for(lambda: (j if (j := tiny_store.jobs.get(job.id)).stage.startswith("train") else None))
         worker_pid = running.worker_pid
         assert worker_pid and _alive(worker_pid)
+        parent = int(Path(f"/proc/{worker_pid}/stat").read_text().split(")")[-1].split()[1])
+        assert (parent != server.pid) if forked else (parent == server.pid)
         server.send_signal(signal.SIGKILL)
         server.wait()
         killed_at = time.monotonic()

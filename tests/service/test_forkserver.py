@@ -1,4 +1,4 @@
-"""Model processes forked from the fork server (service/runner/forkserver.py, Settings.model_process_forkserver):
+"""Model processes forked from the fork server (service/runner/forkserver.py, Settings.forkserver):
 they answer as a plainly started model process does, share one fork server per environment, take the
 caller's environment and working directory, report how they ended, and the plain start takes over when
 the fork server fails."""
@@ -43,7 +43,7 @@ def probing_loader(info: VariantInfo, settings: Settings) -> LoadedModel:
 
 def _runner(directory: Path, *, forked: bool = True, loader: Any = default_loader) -> ProcessRunner:
     info = VariantInfo(variant="eas", model="tiny", version="v1", kind="local", path=directory)
-    settings = Settings(device="cpu", dtype="fp32", model_process=True, model_process_forkserver=forked)
+    settings = Settings(device="cpu", dtype="fp32", model_process=True, forkserver=forked)
     return ProcessRunner(loader(info, settings), info, ThreadBudget(threads=1), loader=loader, settings=settings,
                          max_rows=4)
 

@@ -386,7 +386,7 @@ def test_the_child_dies_with_its_parent(model_dirs: ModelDirs, tmp_path: Path, f
     """))
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                   "EAS_MODEL_PROCESS_FORKSERVER": str(forked).lower()})
+                                   "EAS_FORKSERVER": str(forked).lower()})
     try:
         line = parent.stdout.readline() if parent.stdout else ""
         assert line.split() and all(word.isdigit() for word in line.split()), f"no pids from the parent: {line!r}"
