@@ -218,6 +218,7 @@ def _affinity() -> list[int] | None:
 
 
 _servers: dict[tuple[Any, ...], ForkServer] = {}
+_servers_pid = os.getpid()
 _servers_lock = threading.Lock()
 
 
@@ -229,6 +230,10 @@ def _fork(target: tuple[Any, ...], fds: list[int], environ: dict[str, str]) -> F
         return None
     key = _environment_key(environ)
     with _servers_lock:
+        global _servers_pid
+        if _servers_pid != os.getpid():  # a fork of the server: its parent's fork servers are not its own
+            _servers.clear()
+            _servers_pid = os.getpid()
         server = _servers.get(key)
         if server is not None and server.failed:
             return None  # this environment's fork server failed: the plain start from now on
