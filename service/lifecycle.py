@@ -26,6 +26,7 @@ from service.batching.batcher import Batcher
 from service.errors import QueueFull, ServiceError, ServiceUnavailable
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
+from service.runner import forkserver
 from service.runner.process import ModelProcessGone, ProcessRunner
 from service.runner.registry import RunnerRegistry, ServedVariant
 from service.runner.resolve import resolve_variants
@@ -148,6 +149,8 @@ class Service:
     async def _load(self) -> None:
         assert self._loaded is not None
         try:
+            if self.model_process and self.settings.forkserver:
+                forkserver.prestart()  # its imports overlap with resolving and loading the parent's copies
             infos = await run_in_daemon_thread(self._resolver, self.settings)
             if not infos:
                 raise RuntimeError("nothing to serve: no variant resolved")

@@ -222,10 +222,15 @@ _servers_pid = os.getpid()
 _servers_lock = threading.Lock()
 
 
-def _fork(target: tuple[Any, ...], fds: list[int], environ: dict[str, str]) -> ForkedProcess | None:
-    """`target` forked by the fork server for this environment (started on first use), or None: then the
-    caller starts the process the plain way (no pidfds on this system, too many fork servers already, or the
-    fork server failed, which is logged)."""
+def prestart() -> None:
+    """Start the fork server for this process's environment now, if there is none, without waiting for it: it
+    imports while the caller does other work (the service loads its own copy of a model meanwhile)."""
+    _server_for(dict(os.environ))
+
+
+def _server_for(environ: dict[str, str]) -> ForkServer | None:
+    """The fork server for this environment, started if there is none; None where there cannot be one (no
+    pidfds on this system, MAX_SERVERS already, or this environment's fork server failed)."""
     if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
         return None
     key = _environment_key(environ)
@@ -245,6 +250,15 @@ def _fork(target: tuple[Any, ...], fds: list[int], environ: dict[str, str]) -> F
             except OSError:
                 log.warning("could not start a fork server", exc_info=True)
                 return None
+    return server
+
+
+def _fork(target: tuple[Any, ...], fds: list[int], environ: dict[str, str]) -> ForkedProcess | None:
+    """`target` forked by the fork server for this environment (started on first use), or None: then the
+    caller starts the process the plain way (see `_server_for`; a failure of the fork server is logged)."""
+    server = _server_for(environ)
+    if server is None:
+        return None
     try:
         return server.fork(target, fds, environ)
     except (ForkServerError, OSError) as exc:
