@@ -173,7 +173,13 @@ class ForkServer:
         pid = self._ask(("fork", request), fds)
         if not isinstance(pid, int):
             self._fail(f"it answered {pid!r} to a fork")
-        return ForkedProcess(self, pid)
+        try:
+            return ForkedProcess(self, pid)
+        except OSError as exc:  # no pidfd for it: it cannot be watched, so it must not run
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            self._fail(f"the forked process {pid} cannot be watched: {exc!r}")
+            raise  # unreachable: _fail raises
 
     def exit_status(self, pid: int) -> int:
         """How a forked process that has exited ended (Popen's returncode convention: -N for signal N)."""

@@ -297,6 +297,17 @@ def _child_item(conn: Connection, flags: Any, k: int, spec: RowSpec) -> _ChildIt
 
 # --- the parent ----------------------------------------------------------------------------------------
 
+def _socket_pair() -> tuple[socket.socket, int]:
+    """The parent's end of a new socket pair, and the child's as a bare descriptor (the caller closes it once
+    the child holds its own copy)."""
+    ours, theirs = socket.socketpair()
+    for end in (ours, theirs):
+        with contextlib.suppress(OSError):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+    return ours, theirs.detach()
+
+
 def _wire(features: Any) -> Any:
     return features if isinstance(features, Packed) else to_wire(features)
 
@@ -355,25 +366,29 @@ class ProcessRunner(ModelRunner):
     def _start(self) -> None:
         """Start a child and send it what to load; `_await_ready` waits for it (so several variants' children
         can load side by side)."""
-        ours, theirs = socket.socketpair()
-        for end in (ours, theirs):
-            with contextlib.suppress(OSError):
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
-        child_fd = theirs.detach()
-        try:
-            process: subprocess.Popen[bytes] | ForkedProcess | None = None
-            if getattr(self._settings, "forkserver", True):
+        process: subprocess.Popen[bytes] | ForkedProcess | None = None
+        if getattr(self._settings, "forkserver", True):
+            ours, child_fd = _socket_pair()
+            try:
                 process = fork_model_process(child_fd, self._flags_fd)
-            if process is None:
+            finally:
+                os.close(child_fd)
+            if process is None:  # a fork server that failed may still have forked a holder of that socket
+                ours.close()
+        if process is None:
+            ours, child_fd = _socket_pair()
+            try:
                 # The parent's import path, so the child finds this package and the loader the parent names.
                 path = os.pathsep.join(p or os.getcwd() for p in sys.path)
                 process = subprocess.Popen([sys.executable, "-m", "service.runner.process_main", str(child_fd),
                                             str(os.getpid()), str(self._flags_fd)],
                                            pass_fds=(child_fd, self._flags_fd),
                                            env={**os.environ, "PYTHONPATH": path})
-        finally:
-            os.close(child_fd)
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                os.close(child_fd)
         conn = Connection(ours.detach())
         self._process, self._conn, self._started_at = process, conn, time.perf_counter()
         try:
