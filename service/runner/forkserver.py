@@ -317,12 +317,19 @@ def _exit_with_server(server_pidfd: int) -> None:
     threading.Thread(target=watch, name="server-watchdog", daemon=True).start()
 
 
+def _name(name: str) -> None:
+    """What `ps -o comm`, top and psutil call this process (a fork keeps the fork server's command line)."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name[:15])
+
+
 def _child(control: socket.socket, server_pidfd: int, request: dict[str, Any], fds: list[int],
            started: int) -> None:
     """The forked process: become what the request asks for, then exit (never return to the fork server's
     loop). `started` is written to once the process is in its own session, if it asked for one."""
     code = 1
     try:
+        _name("eas-model" if request["target"][0] == "model" else "eas-" + request["target"][1].rsplit(".", 1)[-1])
         control.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -426,6 +433,7 @@ def serve(control: socket.socket, server: int) -> None:
 
 def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the server; this ends when the server does
+    _name("eas-forkserver")
     control_fd, server = int(argv[1]), int(argv[2])
     done = threading.Event()
     watchdog = _watch_parent_while_importing(server, done)
