@@ -101,12 +101,12 @@ def _recv_message(sock: socket.socket, fds: list[int] | None = None) -> Any:
 # --- in the server -------------------------------------------------------------------------------------
 
 class ForkServerError(RuntimeError):
-    """The fork server did not fork: the caller starts the model process the plain way."""
+    """The fork server did not fork: the caller starts the process the plain way."""
 
 
 class ForkedProcess:
-    """A model process forked by a fork server, with the part of subprocess.Popen's interface that
-    ProcessRunner uses (pid, poll, wait, kill). It is not the server's child, so it is watched through a
+    """A process forked by a fork server, with the part of subprocess.Popen's interface that ProcessRunner and
+    the job supervisor use (pid, poll, wait, kill). It is not the server's child, so it is watched through a
     pidfd, and its exit status comes from the fork server that reaps it."""
 
     def __init__(self, server: ForkServer, pid: int) -> None:
@@ -346,7 +346,13 @@ def _child(control: socket.socket, server_pidfd: int, request: dict[str, Any], f
                 os.sched_setaffinity(0, request["affinity"])
         import random
 
-        random.seed()  # not the fork server's state: every fork would draw the same numbers
+        # Fresh entropy for the random generators, as a fresh interpreter's: every fork would otherwise draw
+        # the fork server's numbers (torch seeds its default generator anew in each process, too).
+        random.seed()
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed()
+        if "torch" in sys.modules:
+            sys.modules["torch"].seed()
         if target[0] == "model":
             _exit_with_server(server_pidfd)
             from multiprocessing.connection import Connection

@@ -36,8 +36,15 @@ def probing_loader(info: VariantInfo, settings: Settings) -> LoadedModel:
     by name, so it crosses to the model process)."""
     probe = os.environ.get("EAS_TEST_PROBE")
     if probe:
+        import random
+
+        import numpy
+        import torch
+
         Path(probe).write_text(json.dumps({"pid": os.getpid(), "cwd": os.getcwd(),
-                                           "marker": os.environ.get("EAS_TEST_MARKER")}))
+                                           "marker": os.environ.get("EAS_TEST_MARKER"),
+                                           "seeds": [torch.initial_seed(), random.random(),
+                                                     float(numpy.random.random())]}))
     return default_loader(info, settings)
 
 
@@ -121,8 +128,21 @@ def test_a_forked_process_takes_the_callers_environment_and_directory(model_dirs
             finally:
                 second._lock.release()
             seen = json.loads(probe.read_text())
+            seeds = seen.pop("seeds")
             assert seen == {"pid": second.pid, "cwd": str(tmp_path), "marker": "from-the-request"}
             assert _ppid(second.pid) == server_pid  # the same fork server
+            # Each fork draws its own random numbers, as a fresh process would (not the fork server's).
+            again = _runner(model_dirs.eas, loader=probing_loader)
+            try:
+                again._lock.acquire()
+                try:
+                    again._await_ready()
+                finally:
+                    again._lock.release()
+                others = json.loads(probe.read_text())["seeds"]
+                assert _ppid(again.pid) == server_pid and all(a != b for a, b in zip(seeds, others, strict=True))
+            finally:
+                again.close()
             with open(f"/proc/{server_pid}/environ", "rb") as environ:
                 assert b"EAS_TEST_MARKER" not in environ.read()
             monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE" if os.environ.get("OMP_WAIT_POLICY") != "ACTIVE"
