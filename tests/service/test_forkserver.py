@@ -166,12 +166,13 @@ def test_how_a_forked_process_ended_is_reported_and_it_is_reaped(model_dirs: Mod
         assert _answer(runner) == expected
         process = runner._process
         assert isinstance(process, ForkedProcess)
-        timer = threading.Timer(0.3, os.kill, (process.pid, signal.SIGKILL))
-        timer.start()
+        timer = threading.Timer(0.1, os.kill, (process.pid, signal.SIGKILL))
+        runner.on_sent = timer.start  # once the batch is in the child
         features = runner.model.prepare_one(Image.open(io.BytesIO(image_bytes())), QUESTION)
         with pytest.raises(ModelProcessGone, match=r"exit code -9"):
             runner.run_batch([_Item(features, 200)])  # 30 ms a step: still running when it is killed
         timer.join()
+        runner.on_sent = None
         assert _state(process.pid) is None  # reaped
         assert _answer(runner) == expected and runner.restarts == 1
         assert isinstance(runner._process, ForkedProcess) and runner._process.pid != process.pid
