@@ -55,6 +55,12 @@ def _runner(directory: Path, *, forked: bool = True, loader: Any = default_loade
                          max_rows=4)
 
 
+def _loaded(runner: ProcessRunner) -> None:
+    """Wait until the runner's model process has loaded (it has then run the loader)."""
+    with runner._lock:
+        runner._await_ready()
+
+
 def _ppid(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as stat:
         return int(stat.read().split(")")[-1].split()[1])
@@ -122,11 +128,7 @@ def test_a_forked_process_takes_the_callers_environment_and_directory(model_dirs
         monkeypatch.chdir(tmp_path)
         second = _runner(model_dirs.eas, loader=probing_loader)
         try:
-            second._lock.acquire()
-            try:
-                second._await_ready()
-            finally:
-                second._lock.release()
+            _loaded(second)
             seen = json.loads(probe.read_text())
             seeds = seen.pop("seeds")
             assert seen == {"pid": second.pid, "cwd": str(tmp_path), "marker": "from-the-request"}
@@ -134,11 +136,7 @@ def test_a_forked_process_takes_the_callers_environment_and_directory(model_dirs
             # Each fork draws its own random numbers, as a fresh process would (not the fork server's).
             again = _runner(model_dirs.eas, loader=probing_loader)
             try:
-                again._lock.acquire()
-                try:
-                    again._await_ready()
-                finally:
-                    again._lock.release()
+                _loaded(again)
                 others = json.loads(probe.read_text())["seeds"]
                 assert _ppid(again.pid) == server_pid and all(a != b for a, b in zip(seeds, others, strict=True))
             finally:
