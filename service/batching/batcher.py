@@ -247,7 +247,8 @@ class Batcher:
         def done(outcome: list[Generation] | BaseException) -> None:
             with self._cond:
                 self._running = []
-                self._cond.notify()  # the worker may have requests that arrived meanwhile
+                if self._queue:  # requests that arrived meanwhile wait for the worker; else it has nothing to do
+                    self._cond.notify()  # (a needless wake-up costs a thread switch on the one-request path)
             if isinstance(outcome, BaseException):
                 log.error("batcher %s: request %s failed (%s: %s)", self.name, item.request_id,
                           type(outcome).__name__, outcome)
@@ -269,7 +270,8 @@ class Batcher:
     def _release_admission(self) -> None:
         with self._cond:
             self._reserved -= 1
-            self._cond.notify()  # the worker may be waiting for this request (see _next_batch)
+            if self._queue:  # only then may the worker be waiting for this request to fill a batch (_next_batch)
+                self._cond.notify()
             depth = self._reserved + len(self._queue)
         self._report_depth(depth)
 
