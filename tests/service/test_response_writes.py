@@ -45,77 +45,70 @@ class FakeTransport:
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
 
 
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def _view(loop: asyncio.AbstractEventLoop) -> tuple[FakeTransport, OneWriteResponse]:
+    raw = FakeTransport()
+    return raw, OneWriteResponse(raw, loop)  # type: ignore[arg-type]
+
+
 def _turns(loop: asyncio.AbstractEventLoop, count: int = 2) -> None:
     for _ in range(count):
         loop.run_until_complete(asyncio.sleep(0))
 
 
-def test_head_and_body_leave_in_one_write() -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        raw = FakeTransport()
-        view = OneWriteResponse(raw, loop)
-        view.write(HEAD)
-        assert raw.writes == []
-        view.write(b"hello")
-        assert raw.writes == [HEAD + b"hello"]
-        view.write(b" more")  # everything after the head passes straight through
-        _turns(loop)
-        assert raw.writes == [HEAD + b"hello", b" more"]
-        assert view.get_extra_info("peername") == "extra peername"  # the rest is the connection's own
-    finally:
-        loop.close()
+def test_head_and_body_leave_in_one_write(loop: asyncio.AbstractEventLoop) -> None:
+    raw, view = _view(loop)
+    view.write(HEAD)
+    assert raw.writes == []
+    view.write(b"hello")
+    assert raw.writes == [HEAD + b"hello"]
+    view.write(b" more")  # everything after the head passes straight through
+    _turns(loop)
+    assert raw.writes == [HEAD + b"hello", b" more"]
+    assert view.get_extra_info("peername") == "extra peername"  # the rest is the connection's own
 
 
-def test_a_head_without_a_body_in_the_same_turn_leaves_on_the_next() -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        raw = FakeTransport()
-        view = OneWriteResponse(raw, loop)
-        view.write(HEAD)
-        assert raw.writes == []
-        _turns(loop)
-        assert raw.writes == [HEAD]  # a stream's head is not held until its first chunk
-        view.write(b"chunk")
-        assert raw.writes == [HEAD, b"chunk"]
-    finally:
-        loop.close()
+def test_a_head_without_a_body_in_the_same_turn_leaves_on_the_next(loop: asyncio.AbstractEventLoop) -> None:
+    raw, view = _view(loop)
+    view.write(HEAD)
+    assert raw.writes == []
+    _turns(loop)
+    assert raw.writes == [HEAD]  # a stream's head is not held until its first chunk
+    view.write(b"chunk")
+    assert raw.writes == [HEAD, b"chunk"]
 
 
-def test_continue_and_large_bodies_are_not_held_or_copied() -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        raw = FakeTransport()
-        view = OneWriteResponse(raw, loop)
-        view.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        assert raw.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]  # the client waits for it before its body
-        view.write(HEAD)
-        big = b"x" * (JOIN_LIMIT + 1)
-        view.write(big)
-        assert raw.writes[1:] == [HEAD, big]
-    finally:
-        loop.close()
+def test_continue_and_large_bodies_are_not_held_or_copied(loop: asyncio.AbstractEventLoop) -> None:
+    raw, view = _view(loop)
+    view.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert raw.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]  # the client waits for it before its body
+    view.write(HEAD)
+    big = b"x" * (JOIN_LIMIT + 1)
+    view.write(big)
+    assert raw.writes[1:] == [HEAD, big]
 
 
-def test_close_sends_a_held_head_first_and_a_closed_connection_gets_nothing() -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        raw = FakeTransport()
-        view = OneWriteResponse(raw, loop)
-        view.write(HEAD)
-        view.close()
-        assert raw.writes == [HEAD] and raw.closed
-        _turns(loop)
-        assert raw.writes == [HEAD]  # not twice
+def test_close_sends_a_held_head_first(loop: asyncio.AbstractEventLoop) -> None:
+    raw, view = _view(loop)
+    view.write(HEAD)
+    view.close()
+    assert raw.writes == [HEAD] and raw.closed
+    _turns(loop)
+    assert raw.writes == [HEAD]  # not twice
 
-        gone = FakeTransport()
-        view = OneWriteResponse(gone, loop)
-        view.write(HEAD)
-        gone.closed = True  # the client went away meanwhile
-        _turns(loop)
-        assert gone.writes == []
-    finally:
-        loop.close()
+
+def test_a_connection_closed_meanwhile_gets_nothing(loop: asyncio.AbstractEventLoop) -> None:
+    raw, view = _view(loop)
+    view.write(HEAD)
+    raw.closed = True  # the client went away before the loop's next turn
+    _turns(loop)
+    assert raw.writes == []
 
 
 # --- on a real uvicorn, with the served protocol ------------------------------------------------------------
