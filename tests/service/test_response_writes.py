@@ -116,7 +116,7 @@ def test_a_connection_closed_meanwhile_gets_nothing(loop: asyncio.AbstractEventL
 def _app() -> FastAPI:
     app = FastAPI()
 
-    @app.get("/json")
+    @app.api_route("/json", methods=["GET", "HEAD"])
     async def as_json() -> dict[str, str]:
         return {"answer": "triangle"}
 
@@ -258,3 +258,20 @@ def test_continue_is_sent_before_the_body(served: tuple[str, int], writes: list[
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"bytes":1000}')
     assert writes[0] == b"HTTP/1.1 100 Continue\r\n\r\n" and len(writes) == 2
+
+
+def test_pipelined_requests_and_head_keep_their_order(served: tuple[str, int], writes: list[bytes]) -> None:
+    """Two requests sent at once on one connection, then a HEAD: each answer whole, in order, one write each."""
+    with socket.create_connection(served, timeout=10) as sock:
+        sock.sendall(GET_JSON + b"GET /json?second=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while received.count(b'{"answer":"triangle"}') < 2:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        sock.sendall(b"HEAD /json HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = sock.recv(65536)
+    first, second = received.split(b"HTTP/1.1 200 OK")[1:]
+    assert first.endswith(b'{"answer":"triangle"}') and second.endswith(b'{"answer":"triangle"}')
+    assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")  # a head and no body
+    assert len(writes) == 3 and b"".join(writes[:2]) == received and writes[2] == head
