@@ -232,6 +232,8 @@ class Service:
             submit=runner.submit if isinstance(runner, ProcessRunner) and s.dispatch_from_loop else None,
             # The model process gets its next batch before the batch it just answered is resolved.
             defer_results=isinstance(runner, ProcessRunner),
+            # An idle server's lone request runs here, on the weights shared with the model process.
+            run_here=runner.run_here if isinstance(runner, ProcessRunner) and runner.serves_here else None,
         )
         if isinstance(runner, ProcessRunner):
             runner.on_sent = batcher.flush_deferred

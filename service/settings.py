@@ -90,6 +90,13 @@ class Settings(BaseSettings):
                           "costs an idle process of ~350 MB, about half of it shared with the processes it "
                           "forks); off: each of them starts afresh.",
     )
+    serve_lone_here: bool = Field(
+        False, description="With a model process on the CPU, a request that finds its variant idle runs in the "
+                           "HTTP process, on the weights it shares with the model process (one copy in memory), "
+                           "and batches go to the model process (EAS_SERVE_LONE_HERE; "
+                           "service/runner/shared_weights.py). Off by default: measured +3% at one client and "
+                           "0.90-1.03x at 4 (docs/serving.md, \"The model process\").",
+    )
     dispatch_from_loop: bool = Field(
         True, description="With a model process, a request that finds its variant idle (nothing queued, "
                           "admitted or running) is sent to the model process by the event loop itself, without "

@@ -9,7 +9,12 @@ of the gap to LitServe at one client). The window (`max_batch_wait_s`, from the 
 is spent only while other admitted requests are still being prepared (image decode, processor): they
 are known to be on their way, and waiting for them saves a batch. A batch also closes at `max_batch_size`.
 
-A runner that can take a batch from the event loop itself (`submit`: the model process,
+A model process whose weights the HTTP process shares (`run_here`: service/runner/shared_weights.py) has a
+request that finds the batcher idle run in this process by the worker, without the crossing to the model
+process and back (a tenth of a one-client request measured on the 2-core machine); batches, and any request
+that arrives while one runs, still go to the model process.
+
+Otherwise, a runner that can take a batch from the event loop itself (`submit`: the model process,
 service/runner/process.py) gets a request that finds the batcher idle (nothing queued, admitted or running)
 straight from the loop: the worker's wake-up and the hand-back to the loop are two thread hand-offs, each
 paid on a one-request path that has nothing to batch (issue 18). Everything else goes through the worker.
@@ -101,8 +106,11 @@ class Batcher:
         isolate_failures: Callable[[Exception], bool] | None = None,
         submit: SubmitFn | None = None,
         defer_results: bool = False,
+        run_here: BatchFn | None = None,
     ) -> None:
         self.name = name
+        self._run_here = run_here
+        self.ran_here = 0  # requests run by `run_here` (a count for tests and benchmarks)
         # With a model process the worker hands the next batch to the child before it resolves the one that
         # just came back (`flush_deferred`, called by the runner once the next batch is sent): resolving
         # wakes the event loop once per request, and each wake-up made the worker wait its turn for the
@@ -221,8 +229,12 @@ class Batcher:
             else:
                 closed = False
                 item.enqueued_at = time.monotonic()
-                if self._submit is not None and not (self._queue or self._running or self._reserved) \
-                        and _on_loop(item.loop):
+                idle = not (self._queue or self._running or self._reserved)
+                if idle and self._run_here is not None:
+                    item.here = True
+                    self._queue.append(item)
+                    self._cond.notify()
+                elif idle and self._submit is not None and _on_loop(item.loop):
                     item.started_at = item.enqueued_at
                     self._running = [item]  # the worker waits until this batch is over
                     direct = True
@@ -343,6 +355,9 @@ class Batcher:
             self._finish(batch, generations)
 
     def _execute(self, batch: list[WorkItem]) -> None:
+        if len(batch) == 1 and batch[0].here and self._run_here is not None:
+            self._execute_here(batch[0])
+            return
         try:
             try:
                 generations = self._run_checked(batch)
@@ -364,6 +379,22 @@ class Batcher:
                         self._deferred.append((batch, generations))
                 else:
                     self._finish(batch, generations)
+        finally:
+            with self._cond:
+                self._running = []
+
+    def _execute_here(self, item: WorkItem) -> None:
+        self.flush_deferred()  # a model-process batch's answers are not held back behind this one
+        self.ran_here += 1
+        try:
+            generations = self._run_here([item])  # type: ignore[misc]
+            if len(generations) != 1:
+                raise RuntimeError(f"runner returned {len(generations)} results for 1 request")
+        except Exception:
+            log.exception("batcher %s: request %s failed", self.name, item.request_id)
+            item.fail(InferenceFailed("inference failed; see the server log for this request id"))
+        else:
+            self._finish([item], generations)
         finally:
             with self._cond:
                 self._running = []

@@ -129,6 +129,8 @@ class WorkItem:
     cancelled: CancelFlag = field(default_factory=CancelFlag)
     enqueued_at: float = 0.0
     started_at: float | None = None
+    # Found its variant idle, and the batcher has a `run_here`: the worker runs it in this process.
+    here: bool = False
 
     # Results cross from the worker thread to the loop; a future whose waiter already gave up
     # (cancelled on timeout or disconnect) is left alone so nothing logs "exception never retrieved".

@@ -24,7 +24,10 @@ Along the way:
   streaming; a plain greedy batch ends once all its rows are cancelled).
 - **Threads**: the parent's `ThreadBudget` (which shrinks while conversion jobs run) goes with every batch.
 - **Memory**: the parent's copy of the weights is released (moved to the meta device) once it has been
-  loaded and verified; the parent still needs the processor, the config and the plan.
+  loaded and verified; the parent still needs the processor, the config and the plan. With
+  Settings.serve_lone_here, the parent instead moves its weights into an anonymous memory file that the
+  child maps and adopts after its own load (service/runner/shared_weights.py): one copy for both, which
+  the parent uses for an idle server's lone request (`run_here`), skipping the crossing.
 - **Failure**: if the child dies, the batch it held fails (500, logged) and the next batch starts a new
   child; one still running a batch STUCK_GRACE_S after all its rows' deadlines is killed the same way.
   The child exits when the parent does, kill -9 included: its end of the socket closes, and a watchdog
@@ -69,6 +72,7 @@ from service import heap
 from service.batching.work import Generation, Sampling
 from service.runner.forkserver import ForkedProcess, fork_model_process
 from service.runner.runner import ModelRunner, VariantInfo, warmup_image
+from service.runner.shared_weights import SharedLayout, WeightsDiffer, adopt, share
 from service.runner.threads import ThreadBudget
 
 log = logging.getLogger(__name__)
@@ -247,12 +251,25 @@ def child_main(conn: Connection, flags_fd: int) -> None:
     load, say ready, then run batches until told to stop or the parent is gone. `flags_fd` is the cancel flags'
     memory, which the parent sized (the first message)."""
     try:
-        rows, loader, info, settings = _recv(conn)
+        weights_fd = _receive_weights(conn)
+        rows, loader, info, settings, layout = _recv(conn)
         flags = mmap.mmap(flags_fd, rows)
         model = loader(info, settings)
+        shared = 0
+        if weights_fd is not None:
+            try:
+                differing = adopt(model.model, weights_fd, layout)
+                shared = layout.size
+                if differing:
+                    log.warning("the model process's own load differed from the server's in %d parameters "
+                                "(first: %s); both now use the server's", len(differing), differing[0])
+            except WeightsDiffer as exc:  # then every request comes here (ProcessRunner.run_here)
+                log.warning("the model process keeps its own weights: %s", exc)
+            finally:
+                os.close(weights_fd)
         budget = ThreadBudget(threads=settings.inference_threads)
         runner = ModelRunner(model, info, budget)
-        _send(conn, ("ready",))
+        _send(conn, ("ready", shared))
         settled = False  # service/heap.py
     except BaseException:
         with contextlib.suppress(OSError):
@@ -284,6 +301,17 @@ def child_main(conn: Connection, flags_fd: int) -> None:
             _send(conn, reply)
         except OSError:
             return
+
+
+def _receive_weights(conn: Connection) -> int | None:
+    """The first byte the parent sends: b"W" with the shared weights' file descriptor, or b"N" without."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        tag, fds, _, _ = socket.recv_fds(sock, 1, 1)
+    if tag != b"W" or not fds:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return fds[0]
 
 
 def _child_item(conn: Connection, flags: Any, k: int, spec: RowSpec) -> _ChildItem:
@@ -322,12 +350,22 @@ class ProcessRunner(ModelRunner):
                  loader: Callable[..., LoadedModel], settings: Any, max_rows: int) -> None:
         super().__init__(model, info, threads)
         self._device, self._dtype = str(model.device), str(model.dtype).removeprefix("torch.")
-        # The parent serves requests with the processor, config and plan only: release its weights.
-        try:
-            model.model.to("meta")
-        except Exception:  # a model that cannot move keeps its weights here: memory, not correctness
-            log.warning("variant %s: could not release the parent's copy of the weights", info.variant,
-                        exc_info=True)
+        # One copy of the weights for both processes (shared_weights.py), or else the parent keeps only the
+        # processor, config and plan.
+        self._weights: tuple[int, SharedLayout] | None = None
+        if getattr(settings, "serve_lone_here", False) and model.device.type == "cpu":
+            try:
+                self._weights = share(model.model)
+            except Exception:
+                log.warning("variant %s: could not share the weights with the model process", info.variant,
+                            exc_info=True)
+        self.shared_bytes = 0  # what the current child adopted (0: it holds its own copy)
+        if self._weights is None:
+            try:
+                model.model.to("meta")
+            except Exception:  # a model that cannot move keeps its weights here: memory, not correctness
+                log.warning("variant %s: could not release the parent's copy of the weights", info.variant,
+                            exc_info=True)
         self._loader = loader
         # The parent has just verified the files; the child need not hash them again.
         self._child_info = dataclasses.replace(info, verified=True)
@@ -389,10 +427,20 @@ class ProcessRunner(ModelRunner):
                 raise
             finally:
                 os.close(child_fd)
+        try:
+            if self._weights is not None:
+                socket.send_fds(ours, [b"W"], [self._weights[0]])
+            else:
+                ours.sendall(b"N")
+        except BaseException:
+            ours.close()
+            process.kill()
+            raise
         conn = Connection(ours.detach())
         self._process, self._conn, self._started_at = process, conn, time.perf_counter()
+        layout = self._weights[1] if self._weights is not None else None
         try:
-            _send(conn, (self._rows, self._loader, self._child_info, self._settings))
+            _send(conn, (self._rows, self._loader, self._child_info, self._settings, layout))
         except BaseException:
             self._kill()
             raise
@@ -415,6 +463,7 @@ class ProcessRunner(ModelRunner):
         if message[0] != "ready":
             self._kill()
             raise ModelProcessGone(f"the model process failed to load:\n{message[1]}")
+        self.shared_bytes = message[1]
         self._ready = True
         log.info("variant %s: model process %d ready in %.2fs", self.info.variant, process.pid,
                  time.perf_counter() - self._started_at)
@@ -571,10 +620,27 @@ class ProcessRunner(ModelRunner):
             return False
         return True
 
+    @property
+    def serves_here(self) -> bool:
+        """Does this process hold the weights (shared with the child) to run a lone request itself?"""
+        return self._weights is not None
+
+    def run_here(self, items: list[Any]) -> list[Generation]:
+        """The Batcher's `run_here`: a batch (an idle server's lone request) run in this process, on the weights
+        it shares with the child; the child stays free for the next batch."""
+        if not self.shared_bytes:  # the child holds other weights (WeightsDiffer): the answer must be its
+            return self.run_batch(items)
+        for item in items:
+            if isinstance(item.features, Packed):
+                item.features = unpack(item.features)
+        return super().run_batch(items)
+
     def warm_up(self, max_new_tokens: int) -> Generation:
         """One real generation through the child (it also proves the pipe works)."""
         item = _ChildItem("what colour is the shape?", max_new_tokens, Sampling(), None, threading.Event(),
                           None, warmup_image(), 0)
+        if self.serves_here:  # and this process's own first run, which lone requests take
+            super().warm_up(max_new_tokens)
         return self.run_batch([item])[0]
 
     def close(self) -> None:
@@ -593,6 +659,9 @@ class ProcessRunner(ModelRunner):
                 with self._flags_lock:  # a late cancellation hook must not write into a closed map
                     self._flags.close()
                 os.close(self._flags_fd)
+                if self._weights is not None:  # the mapping itself lives as long as the model
+                    os.close(self._weights[0])
+                    self._weights = None
         finally:
             if acquired:
                 self._lock.release()

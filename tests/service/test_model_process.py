@@ -1,7 +1,8 @@
 """Each variant's model in a process of its own (service/runner/process.py, Settings.model_process).
 
-The parent's copy of the weights is moved to the meta device once the child is up, so an answer that comes
-back right can only have been computed by the child."""
+With `serve_lone_here` off (the default), the parent's copy of the weights is moved to the meta device once the
+child is up, so an answer that comes back right can only have been computed by the child. With it on, the two
+share one copy, and an idle server's lone request runs in the parent: tests at the end."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from service.runner.runner import VariantInfo
 from service.runner.threads import ThreadBudget
 from service.settings import Settings
 from tests.service.conftest import ModelDirs, image_bytes, make_settings, running_app
+from tests.service.test_batching import wait_until
 
 QUESTION = "what colour is the circle?"
 
@@ -65,8 +67,10 @@ def direct(model_dirs: ModelDirs) -> LoadedModel:
 async def served(model_dirs: ModelDirs):
     # model_process=None: the default, which is on for a CPU model and the service's own loader. On the CPU
     # even where the suite serves on a GPU (EAS_TEST_DEVICE): the model process is the CPU's default only.
+    # serve_lone_here=False: every request goes to the child (the lone-request path has its own tests below).
     async with running_app(make_settings(model_dirs, baseline_path=None, load_baseline=False,
-                                         model_process=None, device="cpu", dtype="fp32")) as pair:
+                                         model_process=None, device="cpu", dtype="fp32",
+                                         serve_lone_here=False)) as pair:
         yield pair
 
 
@@ -277,7 +281,7 @@ async def test_shadow_mirrors_cross_to_the_baselines_child(model_dirs: ModelDirs
     from tests.hardening.conftest import metric_values
 
     settings = make_settings(model_dirs, baseline_path=model_dirs.eas, shadow_fraction=1.0,
-                             shadow_max_queue_depth=8, model_process=True)
+                             shadow_max_queue_depth=8, model_process=True, serve_lone_here=False)
     async with running_app(settings) as (app, client):
         colours = [(200, 30, 30), (30, 160, 30), (30, 30, 200)]
         for colour in colours:
@@ -434,7 +438,7 @@ async def test_a_lone_request_is_sent_from_the_event_loop_and_others_go_through_
 
     on = await counts(*served)  # the default setting
     settings = make_settings(model_dirs, baseline_path=None, load_baseline=False, model_process=True,
-                             device="cpu", dtype="fp32", dispatch_from_loop=False)
+                             device="cpu", dtype="fp32", dispatch_from_loop=False, serve_lone_here=False)
     async with running_app(settings) as pair:
         off = await counts(*pair)
     assert on[0] == len(pngs)  # every lone request went from the loop
@@ -521,7 +525,7 @@ async def test_a_deadline_passing_during_a_batch_from_the_loop_is_a_504_and_stop
     is free again long before the 120 slowed steps the row asked for (30 ms each) would have ended: a sampled
     request on the per-step path, and a plain greedy one, whose batch ends once all its rows are cancelled."""
     settings = make_settings(model_dirs, baseline_path=None, load_baseline=False, model_process=True,
-                             device="cpu", dtype="fp32")
+                             device="cpu", dtype="fp32", serve_lone_here=False)
     async with running_app(settings, loader=slow_loader) as (app, client):
         batcher = app.state.service.registry.get("eas").batcher
         plain = {"image": _url(image_bytes()).split(",", 1)[1], "question": QUESTION, "max_new_tokens": 120}
@@ -596,3 +600,38 @@ def test_a_cancel_flag_reaches_the_childs_row_at_once_and_a_late_hook_leaves_the
     assert runner._watch([late])[1] and runner._flags[0]
     assert not runner._watch([_Item(None, 2)])[1]  # a plain Event: copied by polling instead
     runner._batch_message([])  # leave the flags as a finished batch would
+
+
+# --- an idle server's lone request in this process (Settings.serve_lone_here) --------------------------------
+
+@pytest.mark.anyio
+async def test_a_lone_request_runs_here_on_the_shared_weights_and_batches_in_the_child(
+        model_dirs: ModelDirs, direct: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One copy of the weights, mapped by both processes; the request that finds the server idle runs in
+    this process, and the two that arrive while it runs go to the child as one batch. Every answer equals
+    the model's own."""
+    settings = make_settings(model_dirs, baseline_path=None, load_baseline=False, model_process=True,
+                             device="cpu", dtype="fp32", max_batch_wait_ms=50, serve_lone_here=True)
+    async with running_app(settings, loader=slow_loader) as (app, client):
+        runner, batcher = _runner(app), app.state.service.registry.get("eas").batcher
+        assert runner.serves_here and runner.shared_bytes > 0
+        assert all(p.device.type == "cpu" for p in runner.model.model.parameters())
+        with open(f"/proc/{runner.pid}/maps") as maps:
+            assert "memfd:eas-weights" in maps.read()  # the child computes on the parent's copy
+        sent: list[int] = []
+        message = runner._batch_message
+        monkeypatch.setattr(runner, "_batch_message", lambda items: (sent.append(len(items)), message(items))[1])
+        cases = [image_bytes((200, 30, 30)), image_bytes((30, 160, 30), (64, 48), shape="rectangle"),
+                 image_bytes((30, 30, 200), (40, 56))]
+
+        def post(png: bytes) -> Any:
+            return client.post("/v1/answer", json={"image": _url(png).split(",", 1)[1], "question": QUESTION,
+                                                   "max_new_tokens": 6})
+
+        lone = asyncio.ensure_future(post(cases[0]))
+        await wait_until(lambda: batcher.ran_here == 1)  # running here (slowed: ~30 ms a step)
+        responses = [await lone, *await asyncio.gather(*(post(png) for png in cases[1:]))]
+    assert batcher.ran_here == 1 and sent == [2]
+    for png, response in zip(cases, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.json()["answer"] == direct.answer([Image.open(io.BytesIO(png))], [QUESTION], 6)[0]
