@@ -12,7 +12,8 @@ are known to be on their way, and waiting for them saves a batch. A batch also c
 A model process whose weights the HTTP process shares (`run_here`: service/runner/shared_weights.py) has a
 request that finds the batcher idle run in this process by the worker, without the crossing to the model
 process and back (a tenth of a one-client request measured on the 2-core machine); batches, and any request
-that arrives while one runs, still go to the model process.
+that arrives while it runs goes to the model process at once (from the event loop, as below), so the two
+run side by side.
 
 Otherwise, a runner that can take a batch from the event loop itself (`submit`: the model process,
 service/runner/process.py) gets a request that finds the batcher idle (nothing queued, admitted or running)
@@ -135,6 +136,7 @@ class Batcher:
         self._queue: collections.deque[WorkItem] = collections.deque()
         self._reserved = 0
         self._running: list[WorkItem] = []
+        self._running_here: WorkItem | None = None  # the worker's `run_here` request (beside `_running`)
         self._accepting = True
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
@@ -176,12 +178,13 @@ class Batcher:
     def alone(self) -> bool:
         """Is one admitted request (the caller's) all there is: nothing else admitted, queued or running?"""
         with self._cond:
-            return self._reserved == 1 and not self._queue and not self._running and not self._deferred
+            return (self._reserved == 1 and not self._queue and not self._running and not self._deferred
+                    and self._running_here is None)
 
     @property
     def busy(self) -> bool:
         with self._cond:
-            return bool(self._reserved or self._queue or self._running or self._deferred)
+            return bool(self._reserved or self._queue or self._running or self._deferred or self._running_here)
 
     def stop_accepting(self) -> None:
         with self._cond:
@@ -199,7 +202,8 @@ class Batcher:
     def fail_all(self, exc_factory: Callable[[], BaseException]) -> int:
         """Fail every queued and running request (the running batch's results will be dropped)."""
         with self._cond:
-            victims = [*self._queue, *self._running, *(item for batch, _ in self._deferred for item in batch)]
+            victims = [*self._queue, *self._running, *(item for batch, _ in self._deferred for item in batch),
+                       *([self._running_here] if self._running_here is not None else [])]
             self._queue.clear()
             depth = self._reserved
         for item in victims:
@@ -230,7 +234,7 @@ class Batcher:
                 closed = False
                 item.enqueued_at = time.monotonic()
                 idle = not (self._queue or self._running or self._reserved)
-                if idle and self._run_here is not None:
+                if idle and self._run_here is not None and self._running_here is None:
                     item.here = True
                     self._queue.append(item)
                     self._cond.notify()
@@ -327,7 +331,10 @@ class Batcher:
                 item.started_at = now
                 batch.append(item)
             self._queue.extendleft(reversed(later))
-            self._running = batch
+            if len(batch) == 1 and batch[0].here and self._run_here is not None:
+                self._running_here = batch[0]  # the loop may send what arrives meanwhile to the model process
+            else:
+                self._running = batch
             depth = self._reserved + len(self._queue)
         self._report_depth(depth)
         return batch, expired
@@ -355,7 +362,7 @@ class Batcher:
             self._finish(batch, generations)
 
     def _execute(self, batch: list[WorkItem]) -> None:
-        if len(batch) == 1 and batch[0].here and self._run_here is not None:
+        if self._running_here is not None and batch == [self._running_here]:
             self._execute_here(batch[0])
             return
         try:
@@ -397,7 +404,7 @@ class Batcher:
             self._finish([item], generations)
         finally:
             with self._cond:
-                self._running = []
+                self._running_here = None
 
     def _run_checked(self, batch: list[WorkItem]) -> list[Generation]:
         generations = self._run_batch(batch)

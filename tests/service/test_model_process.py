@@ -605,11 +605,11 @@ def test_a_cancel_flag_reaches_the_childs_row_at_once_and_a_late_hook_leaves_the
 # --- an idle server's lone request in this process (Settings.serve_lone_here) --------------------------------
 
 @pytest.mark.anyio
-async def test_a_lone_request_runs_here_on_the_shared_weights_and_batches_in_the_child(
+async def test_a_lone_request_runs_here_on_the_shared_weights_and_arrivals_go_to_the_child(
         model_dirs: ModelDirs, direct: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One copy of the weights, mapped by both processes; the request that finds the server idle runs in
-    this process, and the two that arrive while it runs go to the child as one batch. Every answer equals
-    the model's own."""
+    """One copy of the weights, mapped by both processes. The request that finds the server idle runs in this
+    process; one that arrives while it runs goes to the child at once and is answered first; two more go to the
+    child too. Every answer equals the model's own."""
     settings = make_settings(model_dirs, baseline_path=None, load_baseline=False, model_process=True,
                              device="cpu", dtype="fp32", max_batch_wait_ms=50, serve_lone_here=True)
     async with running_app(settings, loader=slow_loader) as (app, client):
@@ -621,17 +621,20 @@ async def test_a_lone_request_runs_here_on_the_shared_weights_and_batches_in_the
         sent: list[int] = []
         message = runner._batch_message
         monkeypatch.setattr(runner, "_batch_message", lambda items: (sent.append(len(items)), message(items))[1])
-        cases = [image_bytes((200, 30, 30)), image_bytes((30, 160, 30), (64, 48), shape="rectangle"),
-                 image_bytes((30, 30, 200), (40, 56))]
+        cases = [(image_bytes((200, 30, 30)), 40), (image_bytes((30, 160, 30), (64, 48), shape="rectangle"), 2),
+                 (image_bytes((30, 30, 200), (40, 56)), 2), (image_bytes((120, 60, 20)), 2)]
 
-        def post(png: bytes) -> Any:
+        def post(png: bytes, tokens: int) -> Any:
             return client.post("/v1/answer", json={"image": _url(png).split(",", 1)[1], "question": QUESTION,
-                                                   "max_new_tokens": 6})
+                                                   "max_new_tokens": tokens})
 
-        lone = asyncio.ensure_future(post(cases[0]))
-        await wait_until(lambda: batcher.ran_here == 1)  # running here (slowed: ~30 ms a step)
-        responses = [await lone, *await asyncio.gather(*(post(png) for png in cases[1:]))]
-    assert batcher.ran_here == 1 and sent == [2]
-    for png, response in zip(cases, responses, strict=True):
+        lone = asyncio.ensure_future(post(*cases[0]))  # ~40 slowed steps (30 ms each) in this process
+        await wait_until(lambda: batcher.ran_here == 1)
+        arrival = await post(*cases[1])
+        assert not lone.done() and sent == [1]  # it went to the child and came back while the lone one ran
+        together = await asyncio.gather(*(post(*case) for case in cases[2:]))
+        responses = [await lone, arrival, *together]
+    assert batcher.ran_here == 1 and sent[0] == 1 and sum(sent) == 3
+    for (png, tokens), response in zip(cases, responses, strict=True):
         assert response.status_code == 200, response.text
-        assert response.json()["answer"] == direct.answer([Image.open(io.BytesIO(png))], [QUESTION], 6)[0]
+        assert response.json()["answer"] == direct.answer([Image.open(io.BytesIO(png))], [QUESTION], tokens)[0]
