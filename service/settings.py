@@ -91,11 +91,10 @@ class Settings(BaseSettings):
                           "forks); off: each of them starts afresh.",
     )
     serve_lone_here: bool = Field(
-        False, description="With a model process on the CPU, a request that finds its variant idle runs in the "
-                           "HTTP process, on the weights it shares with the model process (one copy in memory), "
-                           "and batches go to the model process (EAS_SERVE_LONE_HERE; "
-                           "service/runner/shared_weights.py). Off by default: measured +3% at one client and "
-                           "0.90-1.03x at 4 (docs/serving.md, \"The model process\").",
+        True, description="With a model process on the CPU, a request that finds its variant idle runs in the "
+                          "HTTP process, on the weights it shares with the model process (one copy in memory); "
+                          "batches, and requests that arrive meanwhile, go to the model process "
+                          "(EAS_SERVE_LONE_HERE; service/runner/shared_weights.py).",
     )
     dispatch_from_loop: bool = Field(
         True, description="With a model process, a request that finds its variant idle (nothing queued, "

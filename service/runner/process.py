@@ -23,11 +23,11 @@ Along the way:
   waits), and the child's rows read it at every decode step (of the per-step path: sampling, stop options,
   streaming; a plain greedy batch ends once all its rows are cancelled).
 - **Threads**: the parent's `ThreadBudget` (which shrinks while conversion jobs run) goes with every batch.
-- **Memory**: the parent's copy of the weights is released (moved to the meta device) once it has been
-  loaded and verified; the parent still needs the processor, the config and the plan. With
-  Settings.serve_lone_here, the parent instead moves its weights into an anonymous memory file that the
-  child maps and adopts after its own load (service/runner/shared_weights.py): one copy for both, which
-  the parent uses for an idle server's lone request (`run_here`), skipping the crossing.
+- **Memory**: one copy of the weights for both processes. The parent moves its weights into an anonymous
+  memory file that the child maps and adopts after its own load (service/runner/shared_weights.py), and
+  uses them for an idle server's lone request (`run_here`, Settings.serve_lone_here), skipping the
+  crossing. With that setting off, the parent's copy is released instead (moved to the meta device; the
+  parent still needs the processor, the config and the plan).
 - **Failure**: if the child dies, the batch it held fails (500, logged) and the next batch starts a new
   child; one still running a batch STUCK_GRACE_S after all its rows' deadlines is killed the same way.
   The child exits when the parent does, kill -9 included: its end of the socket closes, and a watchdog

@@ -1,7 +1,7 @@
 """Each variant's model in a process of its own (service/runner/process.py, Settings.model_process).
 
-With `serve_lone_here` off (the default), the parent's copy of the weights is moved to the meta device once the
-child is up, so an answer that comes back right can only have been computed by the child. With it on, the two
+With `serve_lone_here` off, the parent's copy of the weights is moved to the meta device once the child is up,
+so an answer that comes back right can only have been computed by the child. With it on (the default), the two
 share one copy, and an idle server's lone request runs in the parent: tests at the end."""
 
 from __future__ import annotations
