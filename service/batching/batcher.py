@@ -11,9 +11,9 @@ are known to be on their way, and waiting for them saves a batch. A batch also c
 
 A model process whose weights the HTTP process shares (`run_here`: service/runner/shared_weights.py) has a
 request that finds the batcher idle run in this process by the worker, without the crossing to the model
-process and back (a tenth of a one-client request measured on the 2-core machine); batches, and any request
-that arrives while it runs goes to the model process at once (from the event loop, as below), so the two
-run side by side.
+process and back (a tenth of a one-client request measured on the 2-core machine). Batches go to the model
+process, and so does a request that arrives while it runs, at once (from the event loop, as below), so the
+two run side by side.
 
 Otherwise, a runner that can take a batch from the event loop itself (`submit`: the model process,
 service/runner/process.py) gets a request that finds the batcher idle (nothing queued, admitted or running)
@@ -331,7 +331,7 @@ class Batcher:
                 item.started_at = now
                 batch.append(item)
             self._queue.extendleft(reversed(later))
-            if len(batch) == 1 and batch[0].here and self._run_here is not None:
+            if len(batch) == 1 and batch[0].here:  # marked only where there is a `run_here`
                 self._running_here = batch[0]  # the loop may send what arrives meanwhile to the model process
             else:
                 self._running = batch
@@ -394,9 +394,7 @@ class Batcher:
         self.flush_deferred()  # a model-process batch's answers are not held back behind this one
         self.ran_here += 1
         try:
-            generations = self._run_here([item])  # type: ignore[misc]
-            if len(generations) != 1:
-                raise RuntimeError(f"runner returned {len(generations)} results for 1 request")
+            generations = self._run_checked([item], self._run_here)
         except Exception:
             log.exception("batcher %s: request %s failed", self.name, item.request_id)
             item.fail(InferenceFailed("inference failed; see the server log for this request id"))
@@ -406,8 +404,8 @@ class Batcher:
             with self._cond:
                 self._running_here = None
 
-    def _run_checked(self, batch: list[WorkItem]) -> list[Generation]:
-        generations = self._run_batch(batch)
+    def _run_checked(self, batch: list[WorkItem], run: BatchFn | None = None) -> list[Generation]:
+        generations = (run or self._run_batch)(batch)
         if len(generations) != len(batch):
             raise RuntimeError(f"runner returned {len(generations)} results for {len(batch)} requests")
         return generations

@@ -15,6 +15,7 @@ Nothing writes them at inference, so the mapping is shared read-write without lo
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -99,9 +100,7 @@ def adopt(module: nn.Module, fd: int, layout: SharedLayout) -> list[str]:
 
 def _view(mapping: mmap.mmap, slot: Slot) -> torch.Tensor:
     dtype = getattr(torch, slot.dtype)
-    count = 1
-    for n in slot.shape:
-        count *= n
+    count = math.prod(slot.shape)
     if count == 0:
         return torch.empty(slot.shape, dtype=dtype)
     return torch.frombuffer(mapping, dtype=dtype, count=count, offset=slot.offset).view(slot.shape)
