@@ -75,11 +75,14 @@ async def infer(
         # Decode, checks and the processor run in the bounded preprocessing pool (service/preprocess.py), or
         # for a small image on an idle server right here; only the model on the batch worker.
         service = request.app.state.service
+        alone = served.batcher.alone()
+        # Features are packed for the model process where they are prepared, except a lone request's on a
+        # batcher that runs lone requests in this process: it would be unpacked again right here.
+        pack = None if alone and served.batcher.runs_lone_here else getattr(served.runner, "pack", None)
         try:
             prepared = await service.preprocessor.prepare(
                 served.runner.model, image_bytes, question, limits=limits,
-                max_prompt_tokens=service.settings.max_prompt_tokens, deadline=deadline,
-                alone=served.batcher.alone(), pack=getattr(served.runner, "pack", None))
+                max_prompt_tokens=service.settings.max_prompt_tokens, deadline=deadline, alone=alone, pack=pack)
         except DeadlineExceeded:
             raise _starved(request) from None  # admitted, then waited out its deadline before decoding
         decode_s = prepared.decode_s + prepared.processor_s

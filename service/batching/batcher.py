@@ -182,6 +182,11 @@ class Batcher:
                     and self._running_here is None)
 
     @property
+    def runs_lone_here(self) -> bool:
+        """Does a request that finds this batcher idle run in this process (`run_here`)?"""
+        return self._run_here is not None
+
+    @property
     def busy(self) -> bool:
         with self._cond:
             return bool(self._reserved or self._queue or self._running or self._deferred or self._running_here)

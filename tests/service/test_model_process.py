@@ -621,6 +621,13 @@ async def test_a_lone_request_runs_here_on_the_shared_weights_and_arrivals_go_to
         sent: list[int] = []
         message = runner._batch_message
         monkeypatch.setattr(runner, "_batch_message", lambda items: (sent.append(len(items)), message(items))[1])
+        packed: list[int] = []  # features serialised for the child where they were prepared
+        runner_pack = runner.pack
+        monkeypatch.setattr(runner, "pack", lambda features: (packed.append(1), runner_pack(features))[1])
+        run_here = batcher._run_here
+        here_packed: list[bool] = []
+        monkeypatch.setattr(batcher, "_run_here", lambda items: (
+            here_packed.extend(isinstance(i.features, Packed) for i in items), run_here(items))[1])
         cases = [(image_bytes((200, 30, 30)), 40), (image_bytes((30, 160, 30), (64, 48), shape="rectangle"), 2),
                  (image_bytes((30, 30, 200), (40, 56)), 2), (image_bytes((120, 60, 20)), 2)]
 
@@ -635,6 +642,7 @@ async def test_a_lone_request_runs_here_on_the_shared_weights_and_arrivals_go_to
         together = await asyncio.gather(*(post(*case) for case in cases[2:]))
         responses = [await lone, arrival, *together]
     assert batcher.ran_here == 1 and sent[0] == 1 and sum(sent) == 3
+    assert here_packed == [False] and len(packed) == 3  # only what went to the child was packed
     for (png, tokens), response in zip(cases, responses, strict=True):
         assert response.status_code == 200, response.text
         assert response.json()["answer"] == direct.answer([Image.open(io.BytesIO(png))], [QUESTION], tokens)[0]
