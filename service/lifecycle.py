@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from eas.model.loading import LoadedModel, load_model, resolve_device
-from service import heap
+from service import allocator, heap
 from service.batching.batcher import Batcher
 from service.errors import QueueFull, ServiceError, ServiceUnavailable
 from service.metrics import Metrics
@@ -137,6 +137,8 @@ class Service:
         """Begin loading in the background and return at once."""
         self._loaded = asyncio.Event()
         self.metrics.model_ready.set(0)
+        if self.settings.malloc_reuse:  # before anything is loaded (service/allocator.py)
+            allocator.keep_freed_memory()
         self._tasks = [asyncio.create_task(self._load(), name="load-variants"),
                        asyncio.create_task(self._watch_loop_lag(), name="loop-lag")]
 

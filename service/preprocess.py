@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import os
 import threading
@@ -40,6 +38,7 @@ from PIL import Image
 
 from eas.model.loading import LoadedModel
 from eas.model.prompting import find_marker
+from service import allocator
 from service.errors import DeadlineExceeded, QueueFull, ServiceError, ServiceUnavailable, ValidationFailed
 from service.validation.images import ImageLimits, ModelInputSize, decode_for_model, open_image
 from service.validation.payloads import OFFLOAD_BYTES
@@ -161,7 +160,7 @@ class Preprocessor:
             # flood. Not after every image: malloc_trim walks and locks every arena, the event loop's too,
             # and during a flood of 4096² images that stalled the loop for tens of milliseconds at a time.
             if self._large_count <= 1:  # this one is the last (the loop decrements after it returns)
-                _trim_heap()
+                allocator.trim()
 
     def _overloaded(self, what: str) -> ServiceError:
         """Refused like a full queue: 429 (or 503, Settings.queue_full_status) with Retry-After."""
@@ -251,19 +250,3 @@ def _lower_priority(by: int = LARGE_NICENESS) -> None:
     with contextlib.suppress(OSError, AttributeError):
         thread = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + by))
-
-
-def _trim_heap() -> None:
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> Any:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None  # glibc only
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()

@@ -15,7 +15,9 @@ answers the same JSON body `{"image": base64, "question": ..., "max_new_tokens":
 
 eas-serve generates with its own decode loop (eas/model/decoding.py: transformers' greedy loop, its
 per-call set-up done once per model; exact); the peers with transformers' `model.generate`, as their users
-write them (`--peer-loop eas` gives them eas-serve's loop, to tell the two effects apart).
+write them (`--peer-loop eas` gives them eas-serve's loop, to tell the two effects apart). eas-serve also
+keeps freed memory for reuse (service/allocator.py); `--peer-malloc-reuse` gives the peers the same glibc
+thresholds through glibc's environment variables.
 
 First every server answers the same request list one by one and the answers are compared (identity).
 Then, per round, for each client count every server gets the same closed-loop load for `--duration`
@@ -228,7 +230,16 @@ def _variant(spec: str, args: argparse.Namespace) -> tuple[str, argparse.Namespa
         env[TREE] = str(Path(extra.removeprefix("tree=")).resolve())
     if name != "eas-serve":
         env[PEER_LOOP] = getattr(args, "peer_loop", "transformers")
+        if getattr(args, "peer_malloc_reuse", False):
+            env.update(malloc_reuse_env())
     return name, args, spec, env
+
+
+def malloc_reuse_env() -> dict[str, str]:
+    """eas-serve's malloc thresholds (service/allocator.py) as the environment variables glibc reads at start."""
+    from service.allocator import MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES
+
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD_BYTES)}
 
 
 def thread_env(threads: int | None, policy: str | None = None) -> dict[str, str]:
@@ -540,6 +551,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peer-loop", choices=["transformers", "eas"], default="transformers",
                         help="the peers' decode loop: transformers' model.generate (what their users write), or "
                              "eas-serve's own (eas/model/decoding.py), to separate the loop from the serving layer")
+    parser.add_argument("--peer-malloc-reuse", action="store_true",
+                        help="give the peers eas-serve's malloc thresholds (service/allocator.py), to tell the "
+                             "allocator apart from the serving layer")
     parser.add_argument("--cotenant", action="store_true", help="eas-serve's threads beside a busy neighbour")
     parser.add_argument("--no-neighbour", action="store_true",
                         help="with --cotenant: the same thread set-ups without the neighbour (the control)")

@@ -68,7 +68,7 @@ from transformers import BatchFeature
 
 from eas.model.loading import LoadedModel
 from eas.model.token_reduction import token_reducer
-from service import heap
+from service import allocator, heap
 from service.batching.work import Generation, Sampling
 from service.runner.forkserver import ForkedProcess, fork_model_process
 from service.runner.runner import ModelRunner, VariantInfo, warmup_image
@@ -253,6 +253,8 @@ def child_main(conn: Connection, flags_fd: int) -> None:
     try:
         weights_fd = _receive_weights(conn)
         rows, loader, info, settings, layout = _recv(conn)
+        if settings.malloc_reuse:  # before the load: its own allocations are the first to reuse memory
+            allocator.keep_freed_memory()
         flags = mmap.mmap(flags_fd, rows)
         model = loader(info, settings)
         shared = 0

@@ -3,21 +3,27 @@ are exercised by running the benchmark, docs/serving.md)."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
+import os
 
 import pytest
 from PIL import Image
 
 from eas_tools.bench.peers import (
     Cell,
+    _variant,
     batch_totals,
     decode_body,
     format_summary,
+    malloc_reuse_env,
     request_bodies,
     rows_per_call,
     summarise,
 )
+from service import allocator
+from tests.service.test_allocator import TENSOR_PAGES, faults
 
 
 def _cell(server: str, clients: int, rnd: int, requests: int, p50: float) -> Cell:
@@ -58,3 +64,18 @@ def test_mean_batch_from_per_answer_reports_and_from_the_metrics() -> None:
         'eas_batch_size_created{model="m",variant="eas"} 1.7e9',
     ])
     assert batch_totals(text) == (36.0, 6.0)
+
+
+def test_peer_malloc_reuse_reaches_only_the_peers() -> None:
+    args = argparse.Namespace(threads=1, peer_loop="transformers", peer_malloc_reuse=True)
+    for peer in ("litserve", "naive"):
+        assert malloc_reuse_env().items() <= _variant(peer, args)[3].items()
+    assert not any(k.startswith("MALLOC_") for k in _variant("eas-serve", args)[3])  # it sets its own
+    args.peer_malloc_reuse = False
+    assert not any(k.startswith("MALLOC_") for k in _variant("naive", args)[3])
+
+
+@pytest.mark.skipif(allocator._LIBC is None or not hasattr(allocator._LIBC, "mallopt"), reason="glibc only")
+def test_the_peers_environment_is_what_glibc_reads() -> None:
+    """The variables' names and values as glibc takes them at start: the same reuse as keep_freed_memory."""
+    assert faults("default", env={**os.environ, **malloc_reuse_env()}) < TENSOR_PAGES
