@@ -48,9 +48,9 @@ def faults(mode: str, env: dict[str, str] | None = None) -> int:
 @pytest.mark.skipif(allocator._LIBC is None or not hasattr(allocator._LIBC, "mallopt"), reason="glibc only")
 def test_batches_reuse_freed_pages_instead_of_faulting_them_in() -> None:
     default, kept = faults("default"), faults("keep")
-    tensor = TENSOR_PAGES
-    assert default > 20 * tensor  # the control: with glibc's defaults every round faults pages in again
-    assert kept < tensor  # a round reuses the last one's pages
+    assert default > 20 * TENSOR_PAGES  # the control: with glibc's defaults every round faults pages in again
+    assert kept < TENSOR_PAGES  # a round reuses the last one's pages
+
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("on", [True, False])
