@@ -70,6 +70,9 @@ def _special_ids(tokenizer: Any) -> frozenset[int]:
         pass
     ids = set(getattr(tokenizer, "all_special_ids", []))
     ids.update(i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special)
+    # Not the unknown token: a tokenizer without byte fallback makes it of any character outside its
+    # vocabulary ("?", "é", an emoji), and it marks no structure; counted, such questions were refused.
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
     found = frozenset(ids)
     with contextlib.suppress(TypeError):  # a tokenizer that takes no weak reference is read each time
         _SPECIAL_IDS[tokenizer] = found
