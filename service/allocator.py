@@ -36,7 +36,7 @@ TRIM_THRESHOLD_BYTES = 64 << 20
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process (and what it forks from now on); True when
     both took. Idempotent."""
-    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
+    if _LIBC is None:
         return False
     done = bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
         _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
@@ -54,9 +54,10 @@ def trim() -> None:
 def _load_libc() -> Any:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None  # glibc only
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None  # glibc only
     except OSError:
         return None
 
 
 _LIBC = _load_libc()
+GLIBC = _LIBC is not None  # where both functions above do something

@@ -45,7 +45,7 @@ def faults(mode: str, env: dict[str, str] | None = None) -> int:
     return int(done.stdout.strip())
 
 
-@pytest.mark.skipif(allocator._LIBC is None or not hasattr(allocator._LIBC, "mallopt"), reason="glibc only")
+@pytest.mark.skipif(not allocator.GLIBC, reason="glibc only")
 def test_batches_reuse_freed_pages_instead_of_faulting_them_in() -> None:
     default, kept = faults("default"), faults("keep")
     assert default > 20 * TENSOR_PAGES  # the control: with glibc's defaults every round faults pages in again

@@ -75,7 +75,7 @@ def test_peer_malloc_reuse_reaches_only_the_peers() -> None:
     assert not any(k.startswith("MALLOC_") for k in _variant("naive", args)[3])
 
 
-@pytest.mark.skipif(allocator._LIBC is None or not hasattr(allocator._LIBC, "mallopt"), reason="glibc only")
+@pytest.mark.skipif(not allocator.GLIBC, reason="glibc only")
 def test_the_peers_environment_is_what_glibc_reads() -> None:
     """The variables' names and values as glibc takes them at start: the same reuse as keep_freed_memory."""
     assert faults("default", env={**os.environ, **malloc_reuse_env()}) < TENSOR_PAGES
